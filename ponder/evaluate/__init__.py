@@ -1,0 +1,1 @@
+"""Score pipeline decisions against labelled truth."""

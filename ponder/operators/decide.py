@@ -1,0 +1,43 @@
+"""Decide: turn an engine's text into a validated answer, or say exactly why it is not one.
+
+Allowed actions are enforced here, after generation, whatever the engine promised: the answer
+is decoded into a Struct whose `action` is a Literal of the pipeline's actions.
+
+>>> parse_answer('{"action":"alert","severity":"high","reason":"hot","confidence":0.8}', ("none", "alert"))
+(Answer(action='alert', severity='high', reason='hot', confidence=0.8), None)
+>>> parse_answer('{"action":"rm -rf","severity":"high","reason":"x","confidence":1}', ("none",))[1]
+"invalid answer: Invalid enum value 'rm -rf' - at `$.action`"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ponder.types import answer_type
+
+__all__ = ["parse_answer"]
+
+_decoders: dict[tuple[str, ...], msgspec.json.Decoder] = {}
+
+
+def _extract_json(text: str) -> str:
+    """Models wrap JSON in prose or code fences; take the outermost object."""
+    start = text.find("{")
+    end = text.rfind("}")
+    return text[start : end + 1] if 0 <= start < end else text
+
+
+def parse_answer(text: str, actions: tuple[str, ...]) -> tuple[Any | None, str | None]:
+    """Decode and validate an answer: (answer, None) or (None, error)."""
+    dec = _decoders.get(actions)
+    if dec is None:
+        dec = _decoders[actions] = msgspec.json.Decoder(answer_type(actions))
+    try:
+        ans = dec.decode(_extract_json(text))
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        return None, f"invalid answer: {e}"
+    if not 0.0 <= ans.confidence <= 1.0:
+        return None, f"invalid answer: confidence {ans.confidence} outside [0, 1]"
+    return ans, None

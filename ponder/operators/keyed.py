@@ -1,0 +1,47 @@
+"""The whole per-key logic of a pipeline over `(state, event)`: gate, context, reasoning.
+
+`observe` is synchronous and cheap: most events end there. Only an escalated event reaches
+`decide`, which awaits engines through the injected `call`. Nothing here knows about Kafka,
+lanes or batching, so the same logic can run inside another stream processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from ponder.operators import context as ctx
+from ponder.operators import gate as gt
+from ponder.operators.reason import Call, Reasoner
+from ponder.types import Decision, Event
+
+__all__ = ["KeyState", "KeyLogic"]
+
+
+class KeyState(msgspec.Struct):
+    """Everything kept for one key; what the state store persists."""
+
+    context: ctx.ContextState
+    gate: gt.GateState
+
+
+@dataclass
+class KeyLogic:
+    context: ctx.ContextPolicy
+    gate: gt.GatePolicy
+    reasoner: Reasoner
+
+    def new_state(self, key: str) -> KeyState:
+        return KeyState(ctx.new_state(key), gt.new_state())
+
+    def observe(self, st: KeyState, event: Event) -> gt.Verdict:
+        """Score the event against the key's past, then fold it into the context."""
+        verdict = gt.observe(self.gate, st.gate, event)
+        flag = ",".join(sorted({f.kind for f in verdict.findings if f.score >= self.gate.open})) \
+            if verdict.escalate else ""
+        ctx.update(self.context, st.context, event, flag)
+        return verdict
+
+    async def decide(self, st: KeyState, event: Event, verdict: gt.Verdict, call: Call) -> Decision:
+        return await self.reasoner.decide(st.context, event, verdict, call)

@@ -1,0 +1,134 @@
+"""Reason: render a key's context into a request, walk the tiers, and produce a Decision.
+
+The runtime injects `call(tier, request) -> Completion` (it owns batching and engines), so this
+operator stays free of runtime imports and can run inside another stream processor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from ponder.inference.engine import Completion, Request
+from ponder.operators import context as ctx
+from ponder.operators.decide import parse_answer
+from ponder.operators.gate import Verdict
+from ponder.operators.route import Router
+from ponder.types import Decision, Event, Span, Trace, Usage, answer_schema, decision_id
+
+__all__ = ["Reasoner", "Call"]
+
+Call = Callable[[str, Request], Awaitable[Completion]]
+
+
+@dataclass
+class Reasoner:
+    """Pipeline-wide reasoning settings plus the router."""
+
+    actions: tuple[str, ...]
+    policy: ctx.ContextPolicy
+    router: Router
+    fallback_action: str
+    clock: Callable[[], float] = time.perf_counter
+
+    def __post_init__(self) -> None:
+        self.schema = answer_schema(self.actions)
+        self.head = ctx.header(self.policy, self.actions, self.schema)
+
+    def request(self, st: ctx.ContextState, event: Event, verdict: Verdict, tier: str) -> Request:
+        p = ctx.render(self.policy, st, self.head, verdict.findings)
+        spec = self.router.by_name[tier]
+        return Request(event.key, p.prefix, p.tail, spec.max_tokens, self.actions, self.schema,
+                       tuple(verdict.findings), verdict.score,
+                       decision_id(event.key, event.source))
+
+    async def decide(self, st: ctx.ContextState, event: Event, verdict: Verdict, call: Call) -> Decision:
+        """Walk the tiers until one gives a valid, confident enough answer."""
+        t0 = self.clock()
+        router = self.router
+        need = self.policy.token_budget
+        tier = router.first(verdict.score, need)
+        degraded = tier != router.wanted(verdict.score)
+        tried: set[str] = set()
+        route: list[str] = []
+        errors: list[str] = []
+        spans: list[Span] = []
+        prompt_tokens = cached = completion_tokens = 0
+        cost = 0.0
+        best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
+        while True:
+            tried.add(tier)
+            route.append(tier)
+            spec = router.by_name[tier]
+            req = self.request(st, event, verdict, tier)
+            s0 = self.clock()
+            try:
+                comp = await call(tier, req)
+            except Exception as e:  # noqa: BLE001 - any backend failure downgrades
+                comp = None
+                errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
+            spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
+            if comp is not None and comp.error:
+                errors.append(f"{tier}: {comp.error}"[:300])
+                comp = None
+            if comp is None:
+                if tier == "reflex":
+                    answer = None
+                    break
+                router.failed(tier)
+                degraded = True
+                tier = router.down(tier, tried)
+                continue
+            u = comp.usage
+            prompt_tokens += u.prompt_tokens
+            cached += u.cached_prompt_tokens
+            completion_tokens += u.completion_tokens
+            cost += u.cost_usd or (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0
+            router.succeeded(tier, u.prompt_tokens + u.completion_tokens)
+            answer, err = parse_answer(comp.text, self.actions)
+            if answer is None:
+                errors.append(f"{tier}: {err}"[:300])
+                nxt = router.up(tier, tried, need)
+                if nxt is None:
+                    degraded = True
+                    nxt = router.down(tier, tried) if tier != "reflex" else None
+                if nxt is None or nxt in tried:
+                    break
+                tier = nxt
+                continue
+            if answer.confidence < spec.min_confidence:
+                best = best or (answer, tier, comp.model)
+                nxt = router.up(tier, tried, need)
+                if nxt is not None:
+                    tier = nxt
+                    continue
+            best = (answer, tier, comp.model)
+            break
+        if best is None:
+            # every tier failed or answered garbage: a fixed, schema-valid fallback
+            action, severity, reason, confidence, tier_used, model = (
+                self.fallback_action, "info", "no valid answer from any tier", 0.0, "reflex", "fallback")
+            degraded = True
+        else:
+            a, tier_used, model = best
+            action, severity, reason, confidence = a.action, a.severity, a.reason, a.confidence
+        evidence = {f.field: f.value for f in verdict.findings[:8] if f.value is not None}
+        return Decision(
+            decision_id=decision_id(event.key, event.source),
+            key=event.key,
+            action=action,
+            severity=severity,
+            reason=reason,
+            confidence=confidence,
+            tier=tier_used,
+            model=model,
+            usage=Usage(prompt_tokens, cached, completion_tokens, round(cost, 8)),
+            latency_ms=round((self.clock() - t0) * 1000.0, 3),
+            degraded=degraded,
+            evidence=evidence,
+            ts=event.ts,
+            source=event.source,
+            trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors),
+            headers=event.headers,
+        )

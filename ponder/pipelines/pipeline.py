@@ -1,0 +1,134 @@
+"""Pipeline: the user's definition of what to watch, when to think, and what may be done.
+
+A pipeline is declared in a Python module and named on the command line as `module:attr`:
+
+    pipeline = Pipeline(name="pumps", key="pump_id", actions=("none", "alert"), ...)
+
+`validate()` runs when the pipeline is built, so a wrong definition fails before any event is
+read, with an error that names the field at fault.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ponder.inference.engine import Engine
+from ponder.inference.reflex import ReflexRule
+from ponder.inference.registry import build_engine
+from ponder.operators.context import ContextPolicy
+from ponder.operators.gate import GatePolicy
+from ponder.operators.keyed import KeyLogic
+from ponder.operators.reason import Reasoner
+from ponder.operators.route import Router, TierSpec
+from ponder.runtime.decode import Decoder
+from ponder.runtime.worker import RunStats, Worker
+from ponder.types import answer_schema
+
+__all__ = ["Pipeline", "load_pipeline"]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What to watch, when to think, and what may be done.
+
+    :param name: identifies the pipeline in topics, metrics and state.
+    :param key: event field holding the stream key (device id, service name…).
+    :param actions: the only actions a decision may carry; the first is the "do nothing" one.
+    :param time: event field with event time; None uses ingestion time.
+    :param schema: optional msgspec Struct the payload must validate against.
+    :param context: / gate: per-key memory and surprise thresholds.
+    :param tiers: reflex always; edge and cloud when configured.
+    :param reflex: rules of the reflex tier (finding kind -> action).
+    :param instructions: the task, as the model reads it at the top of every prompt.
+    :param input_topic: / output_topic: / dead_letter_topic: for Kafka workers.
+    """
+
+    name: str
+    key: str
+    actions: tuple[str, ...]
+    time: str | None = "ts"
+    schema: type | None = None
+    context: ContextPolicy = field(default_factory=ContextPolicy)
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    tiers: tuple[TierSpec, ...] = (TierSpec("reflex", max_batch=1),)
+    reflex: tuple[ReflexRule, ...] = ()
+    instructions: str = ""
+    input_topic: str = ""
+    output_topic: str = ""
+    dead_letter_topic: str = ""
+    max_inflight: int = 4096
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"pipeline {self.name!r}: {msg}")
+
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            bad("name must be non-empty letters, digits, '-' or '_'")
+        if not self.key:
+            bad("key field must be named")
+        if not self.actions or len(set(self.actions)) != len(self.actions):
+            bad(f"actions must be non-empty and unique, got {self.actions!r}")
+        for r in self.reflex:
+            if r.action not in self.actions:
+                bad(f"reflex rule for {r.kind!r} names action {r.action!r}, not one of {self.actions}")
+        Router(self.tiers)  # raises on a missing reflex tier or duplicate tiers
+        answer_schema(self.actions)
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        return (self.input_topic or f"{self.name}.events", self.output_topic or f"{self.name}.decisions",
+                self.dead_letter_topic or f"{self.name}.dead-letters")
+
+    def context_policy(self) -> ContextPolicy:
+        if self.instructions and self.instructions != self.context.instructions:
+            from dataclasses import replace
+
+            return replace(self.context, instructions=self.instructions)
+        return self.context
+
+    def build(self, *, engines: dict[str, Engine] | None = None,
+              clock: Callable[[], float] | None = None) -> tuple[KeyLogic, Decoder, dict[str, Engine]]:
+        """The runnable parts: per-key logic, decoder and one engine per tier."""
+        router = Router(self.tiers, clock=clock) if clock else Router(self.tiers)
+        policy = self.context_policy()
+        logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0]))
+        built = dict(engines or {})
+        for t in self.tiers:
+            if t.name not in built:
+                built[t.name] = build_engine(t.engine, rules=self.reflex, default_action=self.actions[0])
+        return logic, Decoder(self.key, self.time, self.schema), built
+
+
+    def worker(self, source, sink, *, engines: dict[str, Engine] | None = None, store=None,
+               progress: Callable[[RunStats], None] | None = None, **kw) -> Worker:
+        """A Worker running this pipeline from `source` to `sink`."""
+        logic, decoder, built = self.build(engines=engines)
+        return Worker(logic, decoder, source, sink, built, self.tiers, store=store,
+                      max_inflight=kw.pop("max_inflight", self.max_inflight), progress=progress, **kw)
+
+
+def load_pipeline(ref: str) -> Pipeline:
+    """Import `module:attr` (attr defaults to `pipeline`) and check it is a Pipeline."""
+    module, _, attr = ref.partition(":")
+    attr = attr or "pipeline"
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        msg = f"cannot import pipeline module {module!r}: {e}"
+        raise ValueError(msg) from e
+    obj = getattr(mod, attr, None)
+    if obj is None:
+        msg = f"module {module!r} has no attribute {attr!r}"
+        raise ValueError(msg)
+    if callable(obj) and not isinstance(obj, Pipeline):
+        obj = obj()
+    if not isinstance(obj, Pipeline):
+        msg = f"{ref!r} is a {type(obj).__name__}, not a ponder Pipeline"
+        raise TypeError(msg)
+    return obj
+

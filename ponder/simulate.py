@@ -1,0 +1,333 @@
+"""Simulate a fleet of IoT devices: keyed telemetry with labelled incidents.
+
+Everything is a pure function of the arguments, so a benchmark can be rerun and scored against
+the same truth. Every device reads once inside each step's interval, so the stream is produced in
+blocks of whole steps, each sorted on its own, and a million events never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+__all__ = [
+    "FIELDS",
+    "KINDS",
+    "Incident",
+    "SimSummary",
+    "Fleet",
+    "iter_events",
+    "incidents",
+    "simulate",
+]
+
+FIELDS = ("temperature", "vibration", "pressure", "humidity")
+# field -> (baseline low, baseline high, nominal noise sigma, decimals)
+_SPEC = {
+    "temperature": (18.0, 32.0, 0.12, 2),
+    "vibration": (0.12, 0.35, 0.004, 3),
+    "pressure": (100.2, 102.2, 0.04, 2),
+    "humidity": (30.0, 65.0, 0.35, 1),
+}
+# kind -> (fewest, most) affected events
+DURATIONS = {
+    "spike": (1, 3),
+    "drift": (100, 300),
+    "stuck": (40, 200),
+    "level_shift": (100, 300),
+    "dropout": (30, 120),
+}
+KINDS = tuple(DURATIONS)
+
+_SECOND_INCIDENT = 0.15  # chance a device with an incident gets another one
+_GAP = 50  # events kept clean between two incidents of a device, so their windows never merge
+_DROPOUT_DENSITY = 0.4
+_BLOCK_EVENTS = 16_384  # events generated per block: bounds memory, amortises numpy calls
+_ENCODER = msgspec.json.Encoder()
+
+
+class Incident(msgspec.Struct, frozen=True):
+    """One labelled anomaly: `start`/`end` are the ts of its first and last affected events."""
+
+    key: str
+    kind: str
+    field: str
+    start: float
+    end: float
+
+
+class SimSummary(msgspec.Struct, frozen=True):
+    """What `simulate` wrote."""
+
+    events: int
+    devices: int
+    incidents: int
+    by_kind: dict[str, int]
+    events_path: str
+    truth_path: str
+
+
+class _Plan(msgspec.Struct):
+    """An incident in step coordinates, with the parameters that draw it."""
+
+    dev: int
+    field: int
+    kind: str
+    first: int
+    last: int
+    values: Any = None  # spike deltas, or the dropout mask
+    amount: float = 0.0  # drift total, shift size, or the stuck value
+
+
+def _validate(devices: int, events_per_device: int, seed: int, interval_s: float,
+              incident_rate: float, start_ts: float) -> None:
+    if devices < 1:
+        msg = f"devices must be >= 1, got {devices}"
+        raise ValueError(msg)
+    if events_per_device < 1:
+        msg = f"events_per_device must be >= 1, got {events_per_device}"
+        raise ValueError(msg)
+    if seed < 0:
+        msg = f"seed must be >= 0, got {seed}"
+        raise ValueError(msg)
+    # Below 10 ms a step can no longer hold every device at millisecond ts resolution.
+    if not (math.isfinite(interval_s) and interval_s >= 0.01):
+        msg = f"interval_s must be a finite number >= 0.01, got {interval_s}"
+        raise ValueError(msg)
+    if not 0.0 <= incident_rate <= 1.0:
+        msg = f"incident_rate must be within [0, 1], got {incident_rate}"
+        raise ValueError(msg)
+    if not math.isfinite(start_ts):
+        msg = f"start_ts must be finite, got {start_ts}"
+        raise ValueError(msg)
+
+
+def _unit_hash(salt: np.uint64, devs: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Map (device, step) to a uniform float in [0, 1) with splitmix64.
+
+    A hash rather than a random stream lets the truth look up any event's ts directly.
+    """
+    x = (devs.astype(np.uint64) << np.uint64(32)) | steps.astype(np.uint64)
+    x = x ^ salt
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class Fleet:
+    """Seed a fleet: per-device signal parameters, planned incidents, and the stream they make."""
+
+    def __init__(self, devices: int, events_per_device: int, seed: int, *,
+                 interval_s: float = 10.0, incident_rate: float = 0.35,
+                 start_ts: float = 1_764_000_000.0) -> None:
+        _validate(devices, events_per_device, seed, interval_s, incident_rate, start_ts)
+        self.devices = devices
+        self.events_per_device = events_per_device
+        self.seed = seed
+        self.interval_s = float(interval_s)
+        self.incident_rate = float(incident_rate)
+        self.start_ts = float(start_ts)
+        # Separate streams, so the incident plan does not depend on how noise is blocked.
+        plan_ss, self._noise_ss = np.random.SeedSequence(seed).spawn(2)
+        rng = np.random.default_rng(plan_ss)
+        self._salt = np.uint64(rng.integers(0, 2**63))
+        width = max(5, len(str(devices - 1)))
+        self.keys = [f"dev-{i:0{width}d}" for i in range(devices)]
+        n_sites = min(16, devices // 20 + 1)
+        self._sites = [f"plant-{s}" for s in rng.integers(1, n_sites + 1, devices).tolist()]
+        # Inside each step's interval with room for +-5% jitter, so steps never interleave.
+        self._offset = rng.uniform(0.1, 0.9, devices) * self.interval_s
+        shape = (len(FIELDS), devices)
+        lo, hi, sig, dec = (np.array([_SPEC[f][k] for f in FIELDS]) for k in range(4))
+        self._base = rng.uniform(lo[:, None], hi[:, None], shape)
+        self._sigma = sig[:, None] * rng.uniform(0.7, 1.3, shape)
+        self._amp = self._sigma * rng.uniform(0.5, 1.5, shape)
+        self._omega = 2 * np.pi / rng.uniform(200.0, 600.0, shape)
+        self._phase = rng.uniform(0.0, 2 * np.pi, shape)
+        self._decimals = dec.astype(int).tolist()
+        self._plans = self._plan(rng)
+        self.incidents = self._label(self._plans)
+
+    @property
+    def events(self) -> int:
+        """Total events in the stream."""
+        return self.devices * self.events_per_device
+
+    def ts(self, devs: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Return the ts of each (device, step) pair, broadcasting the two arrays."""
+        jitter = (_unit_hash(self._salt, devs, steps) - 0.5) * (0.1 * self.interval_s)
+        t = self.start_ts + steps * self.interval_s + self._offset[devs] + jitter
+        return np.round(t, 3)
+
+    def _plan(self, rng: np.random.Generator) -> list[_Plan]:
+        warm = min(100, self.events_per_device // 4)
+        last = self.events_per_device - 2  # a device's final reading always stays clean
+        room = last - warm + 1
+        fitting = [k for k in KINDS if DURATIONS[k][0] <= room]
+        hit = rng.random(self.devices) < self.incident_rate
+        twice = (rng.random(self.devices) < _SECOND_INCIDENT).tolist()
+        plans: list[_Plan] = []
+        if not fitting:
+            return plans
+        for dev in np.flatnonzero(hit).tolist():
+            mine: list[_Plan] = []
+            for _ in range(1 + twice[dev]):
+                kind = fitting[int(rng.integers(len(fitting)))]
+                lo, hi = DURATIONS[kind]
+                n = int(rng.integers(lo, min(hi, room) + 1))
+                field = int(rng.integers(len(FIELDS)))
+                for _attempt in range(8):
+                    first = int(rng.integers(warm, last - n + 2))
+                    end = first + n - 1
+                    if all(end + _GAP < p.first or first > p.last + _GAP for p in mine):
+                        break
+                else:
+                    continue  # no free room left on this device
+                plan = _Plan(dev, field, kind, first, end)
+                self._draw(rng, plan, n)
+                mine.append(plan)
+            plans.extend(mine)
+        return plans
+
+    def _draw(self, rng: np.random.Generator, p: _Plan, n: int) -> None:
+        sigma = self._sigma[p.field, p.dev]
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        if p.kind == "spike":
+            p.values = sign * sigma * rng.uniform(8.0, 14.0, n)
+        elif p.kind == "drift":
+            p.amount = sign * sigma * rng.uniform(10.0, 16.0)
+        elif p.kind == "level_shift":
+            p.amount = sign * sigma * rng.uniform(8.0, 12.0)
+        elif p.kind == "stuck":
+            # Freeze at a plausible reading: the noise-free signal where it sticks.
+            f, d = p.field, p.dev
+            p.amount = self._base[f, d] + self._amp[f, d] * math.sin(
+                self._omega[f, d] * p.first + self._phase[f, d])
+        else:  # dropout
+            mask = rng.random(n) < _DROPOUT_DENSITY
+            mask[0] = mask[-1] = True  # the window is bounded by affected events
+            p.values = mask
+
+    def _label(self, plans: list[_Plan]) -> list[Incident]:
+        if not plans:
+            return []
+        devs = np.array([p.dev for p in plans] * 2)
+        steps = np.array([p.first for p in plans] + [p.last for p in plans])
+        ts = self.ts(devs, steps).tolist()
+        n = len(plans)
+        out = [Incident(self.keys[p.dev], p.kind, FIELDS[p.field], ts[i], ts[n + i])
+               for i, p in enumerate(plans)]
+        out.sort(key=lambda inc: (inc.start, inc.key))
+        return out
+
+    def _apply(self, values: np.ndarray, j0: int, j1: int, firsts: np.ndarray,
+               lasts: np.ndarray) -> None:
+        for i in np.flatnonzero((firsts < j1) & (lasts >= j0)).tolist():
+            p = self._plans[i]
+            a, b = max(p.first, j0), min(p.last, j1 - 1)
+            k = np.arange(a - p.first, b - p.first + 1)  # position inside the incident
+            rows = k + (p.first - j0)
+            col = values[p.field, :, p.dev]
+            if p.kind == "spike":
+                col[rows] += p.values[k]
+            elif p.kind == "drift":
+                col[rows] += p.amount * (k + 1) / (p.last - p.first + 1)
+            elif p.kind == "level_shift":
+                col[rows] += p.amount
+            elif p.kind == "stuck":
+                col[rows] = p.amount
+            else:
+                col[rows[p.values[k]]] = np.nan
+
+    def iter_batches(self) -> Iterator[list[dict[str, Any]]]:
+        """Yield the stream as lists of event dicts, in global (ts, device) order."""
+        noise = np.random.default_rng(self._noise_ss)
+        d, epd = self.devices, self.events_per_device
+        per_block = max(1, min(epd, _BLOCK_EVENTS // d))
+        firsts = np.array([p.first for p in self._plans], dtype=np.int64)
+        lasts = np.array([p.last for p in self._plans], dtype=np.int64)
+        devs = np.arange(d)
+        keys, sites = self.keys, self._sites
+        for j0 in range(0, epd, per_block):
+            j1 = min(epd, j0 + per_block)
+            steps = np.arange(j0, j1)
+            ts = self.ts(devs[None, :], steps[:, None])  # (steps, devices)
+            angle = self._omega[:, None, :] * steps[None, :, None] + self._phase[:, None, :]
+            values = self._base[:, None, :] + self._amp[:, None, :] * np.sin(angle)
+            values += self._sigma[:, None, :] * noise.standard_normal(values.shape)
+            self._apply(values, j0, j1, firsts, lasts)
+            for f, dec in enumerate(self._decimals):
+                values[f] = np.round(values[f], dec)
+            # Steps never overlap in time, so sorting within the block is a global sort.
+            flat_dev = np.tile(devs, j1 - j0)
+            order = np.lexsort((flat_dev, ts.ravel()))
+            cols = [v.ravel()[order].tolist() for v in values]
+            faulty = np.isnan(values).any(axis=0).ravel()[order]
+            batch = [
+                {"device_id": keys[k], "ts": t, "site": sites[k], "temperature": a,
+                 "vibration": b, "pressure": c, "humidity": h, "status": "ok"}
+                for k, t, a, b, c, h in zip(flat_dev[order].tolist(), ts.ravel()[order].tolist(),
+                                            *cols)
+            ]
+            for r in np.flatnonzero(faulty).tolist():
+                ev = batch[r]
+                ev["status"] = "sensor_fault"
+                for name in FIELDS:
+                    if ev[name] != ev[name]:  # NaN marks a missing reading
+                        ev[name] = None
+            yield batch
+
+    def iter_events(self) -> Iterator[dict[str, Any]]:
+        """Yield event dicts one by one, in global (ts, device) order."""
+        for batch in self.iter_batches():
+            yield from batch
+
+    def truth(self) -> dict[str, Any]:
+        """Return the truth record: run parameters and every incident, sorted by (start, key)."""
+        return {
+            "seed": self.seed,
+            "devices": self.devices,
+            "events_per_device": self.events_per_device,
+            "events": self.events,
+            "interval_s": self.interval_s,
+            "start_ts": self.start_ts,
+            "incident_rate": self.incident_rate,
+            "incidents": [msgspec.structs.asdict(i) for i in self.incidents],
+        }
+
+
+def iter_events(devices: int, events_per_device: int, seed: int, **kwargs: Any
+                ) -> Iterator[dict[str, Any]]:
+    """Stream the simulated events without writing a file (kwargs as for `simulate`)."""
+    return Fleet(devices, events_per_device, seed, **kwargs).iter_events()
+
+
+def incidents(devices: int, events_per_device: int, seed: int, **kwargs: Any) -> list[Incident]:
+    """Return the incidents the same arguments plant in `iter_events`'s stream."""
+    return Fleet(devices, events_per_device, seed, **kwargs).incidents
+
+
+def simulate(devices: int, events_per_device: int, seed: int, out_dir: Path, *,
+             interval_s: float = 10.0, incident_rate: float = 0.35,
+             start_ts: float = 1_764_000_000.0) -> SimSummary:
+    """Write `events.jsonl` and `truth.json` for a seeded fleet into `out_dir`."""
+    fleet = Fleet(devices, events_per_device, seed, interval_s=interval_s,
+                  incident_rate=incident_rate, start_ts=start_ts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    events_path, truth_path = out / "events.jsonl", out / "truth.json"
+    with events_path.open("wb") as fh:
+        for batch in fleet.iter_batches():
+            fh.write(_ENCODER.encode_lines(batch))
+    truth_path.write_bytes(msgspec.json.format(_ENCODER.encode(fleet.truth()), indent=2) + b"\n")
+    by_kind = dict.fromkeys(KINDS, 0)
+    for inc in fleet.incidents:
+        by_kind[inc.kind] += 1
+    return SimSummary(events=fleet.events, devices=devices, incidents=len(fleet.incidents),
+                      by_kind=by_kind, events_path=str(events_path), truth_path=str(truth_path))

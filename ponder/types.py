@@ -1,0 +1,172 @@
+"""Wire formats: the one definition of every record ponder reads or writes.
+
+Schema evolution follows msgspec's rules: a new field always gets a default, and a field's type
+never changes, so older records keep decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "SourcePos",
+    "Event",
+    "Usage",
+    "Finding",
+    "Span",
+    "Trace",
+    "Decision",
+    "DeadLetter",
+    "decision_id",
+    "answer_type",
+    "answer_schema",
+    "SEVERITIES",
+]
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+Severity = Literal["info", "low", "medium", "high", "critical"]
+
+
+class SourcePos(msgspec.Struct, frozen=True, array_like=True):
+    """Where a record came from: enough to replay it and to commit past it."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One decoded input record of one key."""
+
+    key: str
+    ts: float
+    payload: dict[str, Any]
+    source: SourcePos
+    headers: dict[str, str] = {}
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """What one model call cost. `cached_prompt_tokens` is the part of the prompt served from a
+    session/prefix cache, so it is always <= `prompt_tokens`."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class Finding(msgspec.Struct, frozen=True):
+    """One reason the gate found an event surprising."""
+
+    kind: str  # spike, rate, level_shift, drift, stuck, dropout, new_value, gap, rule
+    field: str
+    score: float
+    value: Any = None
+    expected: Any = None
+    detail: str = ""
+
+
+class Span(msgspec.Struct, frozen=True):
+    name: str
+    ms: float
+
+
+class Trace(msgspec.Struct, frozen=True):
+    """How a decision was reached: gate verdict, route, attempts and their timings."""
+
+    gate_score: float
+    findings: list[Finding]
+    route: list[str]  # tiers tried, in order
+    spans: list[Span] = []
+    errors: list[str] = []
+
+
+class Decision(msgspec.Struct, frozen=True):
+    decision_id: str
+    key: str
+    action: str
+    severity: Severity
+    reason: str
+    confidence: float
+    tier: str
+    model: str
+    usage: Usage
+    latency_ms: float
+    degraded: bool
+    evidence: dict[str, Any]
+    ts: float = 0.0  # event time of the triggering event
+    source: SourcePos | None = None
+    trace: Trace | None = None
+    headers: dict[str, str] = {}
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """An input that could not become an Event, with why and where it came from."""
+
+    reason: str
+    source: SourcePos
+    raw: str
+    stage: str = "decode"
+
+
+def decision_id(key: str, source: SourcePos) -> str:
+    """Derive a decision id from the key and the triggering source position, so a replay of the
+    same record produces the same id and a sink can drop the duplicate."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{len(key)}:{key}|{source.topic}|{source.partition}|{source.offset}".encode())
+    return h.hexdigest()
+
+
+_answer_types: dict[tuple[str, ...], type] = {}
+
+
+def answer_type(actions: tuple[str, ...]) -> type:
+    """The Struct a model's answer must decode into: `action` restricted to `actions`.
+
+    Decoding through it is how allowed actions are enforced after generation, whatever the
+    engine: an answer naming any other action fails validation.
+    """
+    actions = tuple(actions)
+    if not actions:
+        msg = "a pipeline needs at least one allowed action"
+        raise ValueError(msg)
+    t = _answer_types.get(actions)
+    if t is None:
+        t = msgspec.defstruct(
+            "Answer",
+            [
+                ("action", Literal.__getitem__(actions)),
+                ("severity", Severity),
+                ("reason", str),
+                ("confidence", float),
+            ],
+            forbid_unknown_fields=True,
+        )
+        _answer_types[actions] = t
+    return t
+
+
+def answer_schema(actions: tuple[str, ...]) -> dict[str, Any]:
+    """JSON Schema of the answer a model must produce (allowed actions as an enum)."""
+    schema = msgspec.json.schema(answer_type(actions))
+    # msgspec puts the struct under $defs; engines with guided decoding want it inline.
+    defs = schema.pop("$defs", {})
+    body = defs.get("Answer", schema)
+    body["properties"]["confidence"].update({"minimum": 0.0, "maximum": 1.0})
+    body["properties"]["reason"]["maxLength"] = 400
+    body["additionalProperties"] = False
+    return body
+
+
+json_encoder = msgspec.json.Encoder()
+msgpack_encoder = msgspec.msgpack.Encoder()
+decision_json = msgspec.json.Decoder(Decision)
+decision_msgpack = msgspec.msgpack.Decoder(Decision)
+dead_letter_json = msgspec.json.Decoder(DeadLetter)
+event_msgpack = msgspec.msgpack.Decoder(Event)
