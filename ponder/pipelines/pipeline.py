@@ -11,6 +11,8 @@ read, with an error that names the field at fault.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -116,6 +118,9 @@ def load_pipeline(ref: str) -> Pipeline:
     """Import `module:attr` (attr defaults to `pipeline`) and check it is a Pipeline."""
     module, _, attr = ref.partition(":")
     attr = attr or "pipeline"
+    # like uvicorn and celery: a module in the working directory is importable by name
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
