@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"in {time.perf_counter() - t0:.1f}s")
 
     # warm up both paths (imports, caches, the allocator) on a slice, untimed
-    warm = records[: min(len(records), 20_000)]
+    warm = records[: min(20_000, max(1, len(records) // 10))]
     run_baseline(warm)
     run_framework(warm, args.batch)
 

@@ -188,5 +188,109 @@ def demo(
             err.print(f"files kept in {d}")
 
 
+@app.command()
+def worker(
+    pipeline: str = typer.Argument(..., help="MODULE:PIPELINE"),
+    brokers: str = typer.Option(..., help="bootstrap HOST:PORT"),
+    group: Optional[str] = typer.Option(None, help="consumer group [default: ponder-<pipeline>]"),
+    state_dir: Path = typer.Option(Path("state"), help="RocksDB state directory"),
+    input_topic: Optional[str] = typer.Option(None, help="[default: the pipeline's]"),
+    output_topic: Optional[str] = typer.Option(None, help="decisions topic [default: the pipeline's]"),
+    dead_letter_topic: Optional[str] = typer.Option(None, help="[default: the pipeline's]"),
+    partitions: int = typer.Option(16, help="partitions of topics this worker creates"),
+    checkpoint_interval: float = typer.Option(2.0, help="seconds between checkpoints"),
+    session_timeout_ms: int = typer.Option(10_000, help="consumer-group session timeout"),
+) -> None:
+    """Run a pipeline as a Kafka consumer-group worker until SIGTERM, then drain and commit."""
+    import logging
+
+    from ponder.pipelines.kafka import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from ponder.pipelines.pipeline import load_pipeline
+
+    try:
+        pipe = load_pipeline(pipeline)
+    except (ValueError, TypeError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    stats = asyncio.run(run_worker(
+        pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
+        output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
+        checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms))
+    print(stats.line(), file=sys.stderr)
+
+
+@app.command()
+def dev(port: int = typer.Option(0, help="port [default: a free one]")) -> None:
+    """Start a local Kafka-protocol broker (Tansu, memory only) and print its address."""
+    import signal
+    import threading
+
+    from ponder.connectors.kafka.dev import DevBroker
+
+    broker = DevBroker(port or None).start()
+    print(broker.bootstrap, flush=True)
+    err.print(f"Kafka-protocol broker (Tansu, in memory) on {broker.bootstrap}; Ctrl-C stops it")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            if broker.proc is None or broker.proc.poll() is not None:
+                err.print("[red]broker exited[/red]")
+                raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+
+
+@app.command()
+def publish(
+    file: Optional[Path] = typer.Argument(None, help="JSONL file [default: stdin]"),
+    brokers: str = typer.Option(..., help="bootstrap HOST:PORT"),
+    topic: str = typer.Option(..., help="topic to publish to"),
+    key_field: str = typer.Option("device_id", help="field whose value is the message key"),
+    partitions: int = typer.Option(16, help="partitions if the topic must be created"),
+    simulate_fleet: bool = typer.Option(False, "--simulate", help="publish a simulated fleet instead"),
+    devices: int = typer.Option(100, help="with --simulate"),
+    events_per_device: int = typer.Option(1000, help="with --simulate"),
+    seed: int = typer.Option(0, help="with --simulate"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Publish JSONL events (or a simulated fleet) keyed by KEY_FIELD."""
+    from ponder.connectors.kafka.publish import publish_lines, simulated_lines
+
+    if simulate_fleet:
+        lines, total = simulated_lines(devices, events_per_device, seed)
+    else:
+        if file is not None and not file.exists():
+            err.print(f"[red]error:[/red] {str(file)!r} does not exist")
+            raise typer.Exit(2)
+        fh = open(file, "rb") if file is not None else sys.stdin.buffer  # noqa: SIM115
+        lines, total = (ln for ln in fh if ln.strip()), None
+    n, bad = asyncio.run(publish_lines(brokers, topic, lines, key_field=key_field, partitions=partitions,
+                                       total=total, console=err if progress else None))
+    err.print(f"published {n} records to {topic!r}" + (f"; {bad} lines had no key field" if bad else ""))
+
+
+@app.command()
+def subscribe(
+    brokers: str = typer.Option(..., help="bootstrap HOST:PORT"),
+    topic: str = typer.Option(..., help="topic to read"),
+    count: int = typer.Option(0, help="exit after N records (0: no limit)"),
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="start at the oldest record"),
+    idle_timeout: float = typer.Option(0.0, help="exit after S idle seconds (0: never)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line on stdout"),
+) -> None:
+    """Print decisions (or any JSON records) from a topic."""
+    from ponder.connectors.kafka.publish import subscribe as do_subscribe
+
+    n = asyncio.run(do_subscribe(brokers, topic, count=count, from_beginning=from_beginning,
+                                 idle_timeout=idle_timeout, as_json=as_json, console=out))
+    err.print(f"{n} records")
+
+
 if __name__ == "__main__":
     app()

@@ -39,7 +39,7 @@ def test_window_and_summary_stay_bounded():
 
 
 def test_rendered_tokens_flat_and_under_budget():
-    policy = ctx.ContextPolicy(window=32, summary_segments=6, token_budget=2048)
+    policy = ctx.ContextPolicy(window=32, summary_segments=6, token_budget=4096)
     tokens = []
     st = ctx.new_state("dev-1")
     for n in (1_000, 9_000, 40_000):
@@ -83,7 +83,7 @@ def test_compaction_is_deterministic():
 
 
 def test_summary_aggregates_are_exact():
-    policy = ctx.ContextPolicy(window=4, summary_segments=100)
+    policy = ctx.ContextPolicy(window=4, summary_segments=100, token_budget=40_000)
     st = ctx.new_state("k")
     for i in range(10):
         ctx.update(policy, st, ev(i, v=float(i)))
@@ -141,6 +141,18 @@ def test_policy_validation():
         ctx.ContextPolicy(window=1)
     with pytest.raises(ValueError, match="alpha"):
         ctx.ContextPolicy(alpha=0.0)
+    with pytest.raises(ValueError, match=r"token_budget=1000 leaves no room for event lines.*use >= \d+"):
+        ctx.ContextPolicy(token_budget=1000)
+
+
+def test_the_newest_event_is_always_in_the_window():
+    # long lines hit the character cap long before the event-count window
+    policy = ctx.ContextPolicy(window=64, max_line_chars=200, token_budget=3000)
+    st = ctx.new_state("k")
+    for i in range(500):
+        ctx.update(policy, st, ev(i, note="y" * 150, seq=i))
+        assert st.window and f"seq={i}" in st.window[-1]
+        assert st.window_chars <= policy.window_chars
 
 
 def test_keys_never_share_context():

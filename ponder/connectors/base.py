@@ -22,6 +22,7 @@ class Record(msgspec.Struct):
     key: str | None = None
     ts: float | None = None
     headers: dict[str, str] = {}
+    error: str | None = None  # the connector already knows this record is broken, and why
 
 
 @runtime_checkable

@@ -114,7 +114,7 @@ class CsvSource(_LineSource):
             if len(row) != len(header):
                 # keep the raw line so the dead letter shows what was wrong
                 out.append(Record(",".join(row).encode(), pos,
-                                  headers={"error": f"expected {len(header)} columns, got {len(row)}"}))
+                                  error=f"expected {len(header)} columns, got {len(row)}"))
             else:
                 out.append(Record({h: _cell(v) for h, v in zip(header, row)}, pos))
             if len(out) >= self._batch:

@@ -80,7 +80,7 @@ class ContextPolicy:
     alpha: float = 0.05
     max_line_chars: int = 200
     max_value_chars: int = 40
-    token_budget: int = 2048
+    token_budget: int = 4096
     instructions: str = "You monitor one stream key. Decide what to do about its latest event."
     count_tokens: Callable[[str], int] = approx_tokens
 
@@ -94,13 +94,23 @@ class ContextPolicy:
         if not 0.0 < self.alpha <= 1.0:
             msg = f"ContextPolicy.alpha must be in (0, 1], got {self.alpha}"
             raise ValueError(msg)
+        if self.token_budget * 3 - self._fixed_chars < 4 * self.max_line_chars:
+            need = (self._fixed_chars + 4 * self.max_line_chars) // 3 + 1
+            msg = (f"ContextPolicy.token_budget={self.token_budget} leaves no room for event lines "
+                   f"after instructions, schema, {self.summary_segments} summary segments and "
+                   f"statistics: use >= {need}, or fewer summary_segments/max_fields")
+            raise ValueError(msg)
+
+    @property
+    def _fixed_chars(self) -> int:
+        """Worst-case size of everything but the event lines."""
+        return (len(self.instructions) + 1200 + self.summary_segments * self.segment_chars
+                + 160 * (self.max_fields + 2))
 
     @property
     def window_chars(self) -> int:
         """Character cap of the window lines: what the budget leaves after everything else."""
-        fixed = (len(self.instructions) + 1200 + self.summary_segments * self.segment_chars
-                 + 160 * (self.max_fields + 2))
-        return max(self.max_line_chars * 2, self.token_budget * 3 - fixed)
+        return self.token_budget * 3 - self._fixed_chars
 
     @property
     def segment_chars(self) -> int:
@@ -253,7 +263,7 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
     if seg is None:
         if st.older is None:
             seg = st.older = Segment(ts, ts)
-        elif st.older.n < policy.window // 2:
+        elif st.older.n < policy.window // 2 and st.window_chars < policy.window_chars // 2:
             seg = st.older
         else:
             seg = st.newer = Segment(ts, ts)
@@ -309,7 +319,8 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
         line = line[: policy.max_line_chars - 1] + "…"
     st.window.append(line)
     st.window_chars += len(line) + 1
-    if len(st.window) >= policy.window or st.window_chars >= policy.window_chars:
+    # only a closed older half is folded, so the newest line always stays in the window
+    if st.newer is not None and (len(st.window) >= policy.window or st.window_chars >= policy.window_chars):
         _compact(policy, st)
 
 

@@ -24,6 +24,9 @@ class KeyState(msgspec.Struct):
 
     context: ctx.ContextState
     gate: gt.GateState
+    # the last input position folded in: a replayed event at or before it is skipped
+    partition: int = -1
+    offset: int = -1
 
 
 @dataclass
@@ -41,7 +44,13 @@ class KeyLogic:
         flag = ",".join(sorted({f.kind for f in verdict.findings if f.score >= self.gate.open})) \
             if verdict.escalate else ""
         ctx.update(self.context, st.context, event, flag)
+        st.partition, st.offset = event.source.partition, event.source.offset
         return verdict
+
+    @staticmethod
+    def seen(st: KeyState, event: Event) -> bool:
+        """Whether the state already reflects this event (a replay after a crash)."""
+        return st.partition == event.source.partition and event.source.offset <= st.offset
 
     async def decide(self, st: KeyState, event: Event, verdict: gt.Verdict, call: Call) -> Decision:
         return await self.reasoner.decide(st.context, event, verdict, call)

