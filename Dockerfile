@@ -31,7 +31,7 @@ VOLUME ["/var/lib/ponder"]
 WORKDIR /app
 USER ponder:ponder
 
-# Prometheus metrics port scraped by deploy/prometheus.yml.
+# `ponder worker --metrics-port 9100` serves Prometheus /metrics here (deploy/prometheus.yml).
 EXPOSE 9100
 
 # `ponder worker` drains, checkpoints and commits on SIGTERM (the default stop signal).

@@ -200,6 +200,7 @@ def worker(
     partitions: int = typer.Option(16, help="partitions of topics this worker creates"),
     checkpoint_interval: float = typer.Option(2.0, help="seconds between checkpoints"),
     session_timeout_ms: int = typer.Option(10_000, help="consumer-group session timeout"),
+    metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
 ) -> None:
     """Run a pipeline as a Kafka consumer-group worker until SIGTERM, then drain and commit."""
     import logging
@@ -218,7 +219,8 @@ def worker(
     stats = asyncio.run(run_worker(
         pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
         output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
-        checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms))
+        checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms,
+        metrics_port=metrics_port))
     print(stats.line(), file=sys.stderr)
 
 

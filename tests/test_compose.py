@@ -395,9 +395,11 @@ def test_image_installs_every_distribution_the_commands_import():
         except metadata.PackageNotFoundError:
             pass
 
-    probe = ("import sys; base = set(sys.modules); "
-             "import ponder.cli, ponder.pipelines.kafka, ponder.pipelines.iot_monitor, "
-             "ponder.connectors.kafka.publish, ponder.state.rocks; "
+    modules = ["ponder.cli", "ponder.pipelines.kafka", "ponder.pipelines.iot_monitor",
+               "ponder.connectors.kafka.publish", "ponder.state.rocks", "ponder.runtime.metrics"]
+    probe = ("import importlib, importlib.util, sys; base = set(sys.modules)\n"
+             f"for m in {modules!r}:\n"
+             "    if importlib.util.find_spec(m): importlib.import_module(m)\n"
              "print('\\n'.join(sorted({m.split('.')[0] for m in set(sys.modules) - base})))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
@@ -579,7 +581,7 @@ def test_vllm(services):
 # -- prometheus and grafana -----------------------------------------------------------------------
 
 
-def test_prometheus_config_scrapes_existing_services(services):
+def test_prometheus_config_scrapes_existing_services(services, worker_ctx):
     prom = services["prometheus"]
     mounts = {tgt.split(":")[0]: src for kind, src, tgt in volume_mounts(prom) if kind == "bind"}
     config_path = next((a.split("=", 1)[1] for a in prom.get("command", [])
@@ -601,7 +603,10 @@ def test_prometheus_config_scrapes_existing_services(services):
     for host, ports in targets.items():
         assert host in services, f"scrape target {host!r} is not a compose service"
         assert ports <= container_ports(services[host]), f"{host}: {ports} not exposed"
-    assert 9100 in targets["worker"] and 8000 in targets["vllm"]
+    assert 8000 in targets["vllm"]
+    # the workers serve /metrics only when asked to, on the port prometheus scrapes
+    assert worker_ctx.params["metrics_port"] in targets["worker"], \
+        "pass --metrics-port to the worker with the port deploy/prometheus.yml scrapes"
 
 
 def test_grafana_datasource_points_at_prometheus(services):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
+import re
 from pathlib import Path
 
 import msgspec
@@ -28,7 +28,7 @@ _state = msgspec.msgpack.Decoder(KeyState)
 
 @pytest.fixture(scope="module")
 def fleet_events(tmp_path_factory) -> tuple[list[dict], Path]:
-    events = list(Fleet(30, 400, 11).iter_events())
+    events = list(Fleet(30, 800, 11).iter_events())
     path = tmp_path_factory.mktemp("fleet") / "events.jsonl"
     path.write_bytes(b"".join(_enc.encode(e) + b"\n" for e in events))
     return events, path
@@ -92,7 +92,7 @@ def test_worker_decisions_equal_local_run(broker, tmp_path, fleet_events, refere
         last[e["device_id"]] = e
     for key, raw in states.items():
         st = _state.decode(raw)
-        assert st.context.count == 400 and st.context.last_ts == last[key]["ts"]
+        assert st.context.count == 800 and st.context.last_ts == last[key]["ts"]
 
 
 def test_poison_messages_go_to_dead_letters_and_partition_moves_on(broker, tmp_path):
@@ -143,20 +143,24 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(broker, tmp_path, fleet_
 
 def test_scale_out_and_take_over_with_restored_state(broker, tmp_path, fleet_events, reference):
     events, _ = fleet_events
-    ends = _publish_fleet(broker, "in-scale", events)
-    _run_to_end(broker, tmp_path, "sref", ends, input_topic="in-scale")
+    half = len(events) // 2
+    ends = _publish_fleet(broker, "in-scale", events[:half])
     cmds = [worker_cmd(broker, group="g-scale", state_dir=tmp_path / f"state-w{i}", partitions=PARTS,
                        input_topic="in-scale", output_topic="out-scale", dead_topic="dead-scale", checkpoint=0.2)
             for i in range(2)]
     a = start_worker(cmds[0], tmp_path / "w0.log")
     b = start_worker(cmds[1], tmp_path / "w1.log")
-    wait_committed(broker, "g-scale", "in-scale", ends, at_least=0.5, procs=[a, b])
-    # both took part: each logged an assignment
-    for i in range(2):
-        assert "assigned" in (tmp_path / f"w{i}.log").read_text()
-    assert stop(b) == 0  # b leaves; a takes its partitions over from the changelog
+    wait_committed(broker, "g-scale", "in-scale", ends, procs=[a, b])
+    owned = [set(re.findall(r"assigned \[(.*)\]", (tmp_path / f"w{i}.log").read_text())) for i in range(2)]
+    assert all(owned), f"both workers must own partitions: {owned}"
+    assert stop(b) == 0  # b leaves; a must take its partitions over, state restored from the changelog
+    ends = _publish_fleet(broker, "in-scale", events[half:])
     wait_committed(broker, "g-scale", "in-scale", ends, procs=[a])
     assert stop(a) == 0, (tmp_path / "w0.log").read_text()[-3000:]
+    log = (tmp_path / "w0.log").read_text()
+    assert "assigned [('in-scale', 0), ('in-scale', 1), ('in-scale', 2), ('in-scale', 3)]" in log
+    assert "from changelog" in log
+    _run_to_end(broker, tmp_path, "sref", ends, input_topic="in-scale")
     recs = asyncio.run(read_all(broker, "out-scale", PARTS))
     ids = [dict(r.headers)["decision_id"] for r in recs]
     assert len(ids) == len(set(ids))

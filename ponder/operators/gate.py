@@ -91,10 +91,11 @@ class GatePolicy:
     season_alpha: float = 0.2  # per period: how fast a seasonal profile follows change
     season_gain: float = 0.5  # trust a profile whose error is under this share of the level's
     stuck: tuple[int, int] = (12, 60)  # identical repeats: score 0.5 .. 1
-    stuck_min_change: float = 0.8  # share of steps that change, for a field to "normally vary"
+    stuck_min_change: float = 0.5  # share of steps that change, for a field to "normally vary"
     gap: tuple[float, float] = (6.0, 20.0)  # event interval / typical interval: score 0 .. 1
-    new_value: float = 0.7
-    dropout: float = 0.6
+    new_value: float = 0.7  # score of a categorical value never seen before
+    dropout: float = 0.6  # score of a numeric field gone missing (null or NaN)
+    max_missing: float = 0.05  # ... when it was missing at most this share of the time
     rules: tuple[Rule, ...] = ()
     fields: tuple[str, ...] | None = None  # score only these payload fields (None: all)
 
@@ -132,7 +133,7 @@ class GatePolicy:
         lo_g, hi_g = self.gap
         if not 1.0 < lo_g < hi_g:
             bad(f"gap needs 1 < low < high, got {self.gap}")
-        for name in ("new_value", "dropout", "stuck_min_change"):
+        for name in ("new_value", "dropout", "stuck_min_change", "max_missing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(f"{name} must be within [0, 1], got {getattr(self, name)}")
         # how long a field must last before any seasonal profile starts (a quarter period)
@@ -173,7 +174,8 @@ class FieldGate(msgspec.Struct, array_like=True):
     run: int = 0  # repeats of the current value
     up: int = 0  # strictly increasing steps since the first value (counter detection)
     counter: bool = False
-    nulls: int = 0
+    nulls: int = 0  # consecutive missing values
+    missing: float = 0.0  # EWMA of "the value was missing"
     regimes: list[float] = []  # [level, n when left, ...]: levels the field settled at before
     seasons: list[Season | None] = []
 
@@ -379,10 +381,10 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             fg.rmax, fg.rmax2 = ar, fg.rmax * keep
         else:
             fg.rmax, fg.rmax2 = fg.rmax * keep, max(fg.rmax2 * keep, ar)
+    lo, hi = g.stuck
     if diff == 0.0:
         fg.run += 1
-        lo, hi = g.stuck
-        if scored and fg.run >= lo and fg.changes >= g.stuck_min_change * 0.5:
+        if scored and fg.run >= lo and fg.changes >= g.stuck_min_change:
             s = 0.5 + 0.5 * min(1.0, (fg.run - lo) / (hi - lo))
             out.append(Finding("stuck", name, s, v, None, f"same value {fg.run + 1} times"))
     else:
@@ -398,15 +400,18 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         fg.sdev += a * (abs(d) - fg.sdev)
         fg.sabs = fg.sdev
     else:
-        a = g.alpha_scale
+        # weights start as plain means and settle to the EWMA rates
+        a = max(g.alpha_scale, 1.0 / (fg.n + 1))
         fg.fdev += a * (min(abs(r_fast), 4.0 * s_fast) - fg.fdev)
         fg.fabs += a * (abs(r_fast) - fg.fabs)
         dc = max(-4.0 * s_slow, min(4.0 * s_slow, d))
-        fg.slow += g.alpha_slow * dc
+        fg.slow += max(g.alpha_slow, 1.0 / (fg.n + 1)) * dc
         fg.sdev += a * (abs(dc) - fg.sdev)
         fg.sabs += a * (abs(d) - fg.sabs)
     fg.fast += g.alpha_fast * (v - fg.fast)
-    fg.changes += max(g.alpha_slow, 1.0 / fg.n) * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
+    if fg.run < lo:  # a stuck run does not teach the field that it is normally still
+        fg.changes += max(g.alpha_slow, 1.0 / fg.n) * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
+    fg.missing -= g.alpha_slow * fg.missing
     fg.last = v
     fg.n += 1
     fg.nulls = 0
@@ -431,6 +436,13 @@ def _categorical(g: GatePolicy, st: GateState, name: str, v: str, out: list[Find
     cg.n += 1
 
 
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
     """Score one event of a key and decide whether it escalates; updates `st` in place."""
     findings: list[Finding] = []
@@ -450,7 +462,7 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
             continue
         if isinstance(v, bool):
             _categorical(g, st, name, "true" if v else "false", findings)
-        elif isinstance(v, (int, float)) and math.isfinite(v):
+        elif isinstance(v, (int, float)) and _finite(v):
             fg = st.fields.get(name)
             if fg is None:
                 if len(st.fields) >= MAX_FIELDS:
@@ -459,10 +471,11 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
             _numeric(g, fg, name, float(v), ts, st.dt, not st.open, findings)
         elif v is None or isinstance(v, float):
             fg = st.fields.get(name)
-            if fg is not None and fg.n >= g.warmup and not fg.counter:
+            if fg is not None and not fg.counter:
                 fg.nulls += 1
-                if fg.nulls == 1:
+                if fg.nulls == 1 and fg.n >= g.warmup and fg.missing <= g.max_missing:
                     findings.append(Finding("dropout", name, g.dropout, None, fg.fast, "value missing"))
+                fg.missing += g.alpha_slow * (1.0 - fg.missing)
         elif isinstance(v, str):
             _categorical(g, st, name, v, findings)
     for rule in g.rules:

@@ -47,7 +47,7 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
                        changelog=KafkaChangelog(brokers, t_log), checkpoint_every_s=checkpoint_every_s)
 
 
-async def run_worker(pipe: Pipeline, brokers: str, **kw) -> RunStats:
+async def run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, **kw) -> RunStats:
     """Run until SIGTERM/SIGINT, then stop reading, drain, checkpoint and leave the group."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -59,5 +59,10 @@ async def run_worker(pipe: Pipeline, brokers: str, **kw) -> RunStats:
         return worker.stats
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    if metrics_port:
+        from ponder.runtime.metrics import serve_metrics
+
+        serve_metrics(worker, pipe.name, metrics_port)
+        logger.info("metrics on :%d/metrics", metrics_port)
     logger.info("worker for pipeline %r started", pipe.name)
     return await worker.run()

@@ -105,7 +105,9 @@ class Worker:
         self.tracker = CompletionTracker()
         self.stats = RunStats()
         self._states: dict[str, KeyState] = {}
-        self._dirty: set[str] = set()
+        # key -> offset of its oldest event not yet in the store; a checkpoint never commits
+        # past it, or a crash would skip that event on replay
+        self._dirty: dict[str, int] = {}
         self._lanes: dict[str, deque[Event]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
@@ -249,7 +251,8 @@ class Worker:
             self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], ev.source,
                                   msgspec.json.encode(ev.payload).decode()[:2000], stage="observe"))
             return None
-        self._dirty.add(ev.key)
+        if ev.key not in self._dirty:
+            self._dirty[ev.key] = ev.source.offset
         if verdict.escalate:
             self.stats.escalations += 1
         return verdict
@@ -318,9 +321,10 @@ class Worker:
         """Make progress durable, in this order:
 
         1. flush the sink, so every decision of a done event is acknowledged;
-        2. per partition, publish the states of idle dirty keys (a key with an open lane has a
-           decision in flight; a later checkpoint takes it) and the bookkeeping to the
-           changelog, and wait for the broker;
+        2. per partition, publish the states of idle dirty keys and the bookkeeping to the
+           changelog, and wait for the broker. A key with an open lane has a decision in flight
+           and is left for a later checkpoint; the positions then stop at its oldest unstored
+           event, so a crash replays it;
         3. write the same states, positions and bookkeeping to the partition's store in one
            batch;
         4. commit the positions at the source, if it takes commits.
@@ -331,9 +335,13 @@ class Worker:
         # Step 1.
         await self.sink.flush()
         by_tp: dict[tuple[str, int], dict[str, bytes | None]] = {tp: {} for tp in positions}
-        ready = [k for k in self._dirty if k not in self._lanes]
-        for k in ready:
+        for k in [k for k in self._dirty if k not in self._lanes]:
             by_tp.setdefault(self._key_tp[k], {})[k] = _state_enc.encode(self._states[k])
+            del self._dirty[k]
+        for k, first in self._dirty.items():  # keys with a decision in flight stay dirty
+            tp = self._key_tp[k]
+            if tp in positions and first < positions[tp]:
+                positions[tp] = first
         sink_meta = getattr(self.sink, "checkpoint_meta", None)
         for tp, states in by_tp.items():
             meta: dict[str, int] = {}
@@ -344,7 +352,6 @@ class Worker:
                 meta["changelog"] = await self.changelog.publish(tp[1], states, meta)
             # Step 3.
             self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, meta)
-        self._dirty.difference_update(ready)
         # Step 4.
         commit = getattr(self.source, "commit", None)
         if commit is not None and positions:
@@ -376,7 +383,7 @@ class Worker:
         for key in [k for k, tp in self._key_tp.items() if tp in gone]:
             del self._key_tp[key]
             self._states.pop(key, None)
-            self._dirty.discard(key)
+            self._dirty.pop(key, None)
         forget = getattr(self.sink, "forget", None)
         for tp in partitions:
             self.tracker.forget(*tp)

@@ -1,0 +1,69 @@
+"""Prometheus metrics of a worker, read from its RunStats when scraped.
+
+Nothing is counted twice and nothing is added to the per-event path: the collector turns the
+worker's own counters into metric families at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ponder.runtime.worker import Worker
+
+__all__ = ["WorkerCollector", "serve_metrics"]
+
+
+class WorkerCollector(Collector):
+    def __init__(self, worker: Worker, pipeline: str) -> None:
+        self.worker = worker
+        self.pipeline = pipeline
+
+    def collect(self) -> Iterator:
+        w, s, p = self.worker, self.worker.stats, self.pipeline
+        for name, doc, value in (
+            ("ponder_events", "Input records admitted", s.events),
+            ("ponder_escalations", "Events the gate escalated to reasoning", s.escalations),
+            ("ponder_dead_letters", "Records sent to the dead-letter sink", s.dead_letters),
+            ("ponder_replayed_events", "Replayed events skipped because state already had them", s.replayed),
+            ("ponder_degraded_decisions", "Decisions from a lower tier than wanted", s.degraded),
+            ("ponder_checkpoints", "Checkpoints completed", s.checkpoints),
+            ("ponder_cost_usd", "Model cost", s.cost_usd),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["pipeline"])
+            c.add_metric([p], value)
+            yield c
+        c = CounterMetricFamily("ponder_decisions", "Decisions emitted", labels=["pipeline", "action"])
+        for action, n in s.by_action.items():
+            c.add_metric([p, action], n)
+        yield c
+        c = CounterMetricFamily("ponder_tier_decisions", "Decisions by tier", labels=["pipeline", "tier"])
+        for tier, n in s.by_tier.items():
+            c.add_metric([p, tier], n)
+        yield c
+        c = CounterMetricFamily("ponder_tokens", "Model tokens", labels=["pipeline", "kind"])
+        c.add_metric([p, "prompt"], s.prompt_tokens)
+        c.add_metric([p, "cached_prompt"], s.cached_prompt_tokens)
+        c.add_metric([p, "completion"], s.completion_tokens)
+        yield c
+        g = GaugeMetricFamily("ponder_inflight_events", "Events admitted and not done", labels=["pipeline"])
+        g.add_metric([p], w._inflight)  # noqa: SLF001 - the worker's own gauge
+        yield g
+        g = GaugeMetricFamily("ponder_open_lanes", "Keys with reasoning in flight", labels=["pipeline"])
+        g.add_metric([p], len(w._lanes))  # noqa: SLF001
+        yield g
+        g = GaugeMetricFamily("ponder_keys", "Keys held in memory", labels=["pipeline"])
+        g.add_metric([p], len(w._states))  # noqa: SLF001
+        yield g
+
+
+def serve_metrics(worker: Worker, pipeline: str, port: int, addr: str = "0.0.0.0") -> None:
+    """Expose /metrics on `port` from a background thread."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(worker, pipeline))
+    start_http_server(port, addr=addr, registry=registry)
