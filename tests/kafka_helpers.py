@@ -45,9 +45,8 @@ async def committed(brokers: str, group: str, topic: str, partitions: int) -> di
 
 async def read_all(brokers: str, topic: str, partitions: int) -> list:
     out = []
-    for p in range(partitions):
-        async for batch in read_to_end(brokers, topic, p, 0):
-            out.extend(batch)
+    async for _, batch in read_to_end(brokers, topic, {p: 0 for p in range(partitions)}):
+        out.extend(batch)
     return out
 
 

@@ -70,17 +70,9 @@ def test_context_json(context: tuple[dict, dict]) -> None:
         assert s["new_prefix_chars_per_event"] < s["prompt_chars_per_event"] / 2
     # bounded context: the prompt does not grow with history, the raw history does
     assert large["rendered_tokens"] <= small["rendered_tokens"] * 1.2
-    assert abs(large["context_bytes"] - small["context_bytes"]) <= 0.2 * small["context_bytes"]
+    assert large["context_bytes"] <= 1.5 * small["context_bytes"]
     assert large["raw_tokens"] > 5 * small["raw_tokens"]
     assert large["compactions"] > small["compactions"]
     assert data["flat"]["ok"] is True
-    assert data["sizes"][0]["prefix_stability"] > 0.8
-
-
-@pytest.mark.xfail(strict=False, reason=(
-    "iot_monitor's ContextPolicy(token_budget=2048) leaves window_chars at its 400-char floor "
-    "(the reservation for summary and statistics is ~2.4x what they render), so the window "
-    "compacts every ~6 events instead of every window/2 = 16: stability 0.83, not > 0.9"))
-def test_prefix_stability_target(context: tuple[dict, dict]) -> None:
-    _, data = context
+    # the prefix changes once per compaction: about 1 - 1/(window/2) of steps extend it
     assert all(s["prefix_stability"] > 0.9 for s in data["sizes"])

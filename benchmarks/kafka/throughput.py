@@ -608,14 +608,15 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
             continue
         n = int(n)
         total += n
-        frames = [re.sub(r" \((.*/)?([^/]+)\)$", r" (\2)", f) for f in stack.split(";")]
+        # "func (path/to/file.py:123)" -> "func (file.py)": one entry per function
+        frames = [re.sub(r" \((?:.*/)?([^/:]+)(?::\d+)?\)$", r" (\1)", f) for f in stack.split(";")]
         self_c[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
     pct = (lambda c: [[f, round(100.0 * v / total, 1)] for f, v in c.most_common(top)]) if total else (lambda c: [])
-    ponder_incl = collections.Counter({f: v for f, v in incl.items() if "ponder" in f or "/ponder/" in f
-                                       or re.search(r"\((worker|tracker|decode|gate|context|keyed|changelog|"
-                                                    r"sink|source|rocks|reader|reason|reflex)\.py", f)})
+    ponder_incl = collections.Counter({f: v for f, v in incl.items() if re.search(
+        r"\((worker|tracker|decode|gate|context|keyed|changelog|sink|source|rocks|reader|reason|reflex|"
+        r"route|decide|kafka)\.py\)$", f)})
     return {"samples": total, "self_pct": pct(self_c), "inclusive_pct": pct(ponder_incl)}
 
 

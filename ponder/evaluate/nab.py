@@ -43,6 +43,7 @@ __all__ = [
 
 HEADER = ("timestamp", "value", "anomaly_score", "label", "escalated")
 WINDOWS_FILE = "combined_windows.json"
+PROBATION = 0.15  # NAB's probationary share of each file: the detector is still learning
 
 # A detector maps one series (key, epoch seconds, values) to (scores in [0, 1], escalated flags).
 Detector = Callable[[str, Sequence[float], Sequence[float]], tuple[list[float], list[bool]]]
@@ -58,6 +59,7 @@ class NabFile(msgspec.Struct, frozen=True):
     windows: int
     windows_hit: int
     false_escalations: int = 0  # escalations inside no labelled window
+    probation_escalations: int = 0  # escalations in NAB's probationary period (first 15%)
     labelled: bool = False  # whether the windows file lists this series
 
 
@@ -70,6 +72,7 @@ class NabTotals(msgspec.Struct, frozen=True):
     window_recall: float  # windows_hit / windows (1.0 when there are no windows)
     no_anomaly_escalations: int  # escalations in series labelled anomaly-free
     false_escalations: int = 0
+    no_anomaly_after_probation: int = 0  # ... after NAB's probationary period
 
 
 class NabReport(msgspec.Struct, frozen=True):
@@ -148,11 +151,13 @@ def score_flags(file: str, ts: Sequence[float], flags: Sequence[bool],
     wins = windows or []
     starts = [a for a, _ in wins]
     hit = [False] * len(wins)
-    esc = false = 0
-    for t, f in zip(ts, flags):
+    esc = false = early = 0
+    probation = int(PROBATION * len(ts))
+    for i, (t, f) in enumerate(zip(ts, flags)):
         if not f:
             continue
         esc += 1
+        early += i < probation
         inside = False
         # windows are sorted by start; scan back over those that start at or before t
         for j in range(bisect_right(starts, t) - 1, -1, -1):
@@ -162,7 +167,7 @@ def score_flags(file: str, ts: Sequence[float], flags: Sequence[bool],
     n = len(ts)
     return NabFile(file=file, events=n, escalations=esc, escalation_rate=esc / n if n else 0.0,
                    windows=len(wins), windows_hit=sum(hit), false_escalations=false,
-                   labelled=windows is not None)
+                   probation_escalations=early, labelled=windows is not None)
 
 
 def _labels(ts: Sequence[float], windows: list[tuple[float, float]] | None) -> list[int]:
@@ -178,11 +183,13 @@ def _totals(files: list[NabFile]) -> NabTotals:
     esc = sum(f.escalations for f in files)
     wins = sum(f.windows for f in files)
     hit = sum(f.windows_hit for f in files)
+    clean = [f for f in files if f.labelled and f.windows == 0]
     return NabTotals(
         events=events, escalations=esc, escalation_rate=esc / events if events else 0.0,
         windows=wins, windows_hit=hit, window_recall=hit / wins if wins else 1.0,
-        no_anomaly_escalations=sum(f.escalations for f in files if f.labelled and f.windows == 0),
-        false_escalations=sum(f.false_escalations for f in files))
+        no_anomaly_escalations=sum(f.escalations for f in clean),
+        false_escalations=sum(f.false_escalations for f in files),
+        no_anomaly_after_probation=sum(f.escalations - f.probation_escalations for f in clean))
 
 
 def evaluate(data_dir: Path, detector: Detector, *, name: str = "ponder",

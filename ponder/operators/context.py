@@ -32,6 +32,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Any, Callable
 
 import msgspec
@@ -107,12 +108,12 @@ class ContextPolicy:
         return (len(self.instructions) + 1200 + self.summary_segments * self.segment_chars
                 + 160 * (self.max_fields + 2))
 
-    @property
+    @cached_property
     def window_chars(self) -> int:
         """Character cap of the window lines: what the budget leaves after everything else."""
         return self.token_budget * 3 - self._fixed_chars
 
-    @property
+    @cached_property
     def segment_chars(self) -> int:
         return 96 + 72 * min(self.max_fields, 6) + 24 * self.max_categories
 
@@ -222,6 +223,15 @@ def _add_counts(into: dict[str, int], counts: dict[str, int], cap: int) -> None:
             into["<other>"] = into.get("<other>", 0) + c
 
 
+def _count(into: dict[str, int], v: str, cap: int) -> None:
+    if v in into:
+        into[v] += 1
+    elif len(into) < cap:
+        into[v] = 1
+    else:
+        into["<other>"] = into.get("<other>", 0) + 1
+
+
 def quote(value: str, limit: int) -> str:
     """Quote untrusted text as a JSON string that cannot close the data block."""
     if len(value) > limit:
@@ -229,6 +239,7 @@ def quote(value: str, limit: int) -> str:
     return _json.encode(value).decode().replace("<", "\\u003c").replace(">", "\\u003e")
 
 
+@lru_cache(maxsize=4096)
 def _name(field: str) -> str:
     return field if _IDENT.match(field) else quote(field, 32)
 
@@ -306,8 +317,8 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
                     continue
                 counts = st.cats[name] = {}
             v = v[: policy.max_value_chars]
-            _add_counts(counts, {v: 1}, policy.max_categories)
-            _add_counts(seg.cats.setdefault(name, {}), {v: 1}, policy.max_categories)
+            _count(counts, v, policy.max_categories)
+            _count(seg.cats.setdefault(name, {}), v, policy.max_categories)
             # a categorical value that repeats says little: only changes go in the line
             if st.last_cat.get(name) != v:
                 st.last_cat[name] = v

@@ -1,29 +1,34 @@
 """Gate: should this event pay for reasoning? A cheap per-key surprise score in [0, 1].
 
-Every signal is normalised by what this key's own history has shown to be ordinary, so one
-policy serves a calm sensor, a spiky load balancer and a daily cycle alike. Per numeric field:
+Every signal is measured against what this key's own history shows to be ordinary, so one policy
+serves a calm sensor, a spiky load balancer and a daily cycle alike. Per numeric field:
 
-* spike: the value's distance from its expectation, in units of a robust noise scale, against
-  the largest such distance seen recently (a decaying maximum). The expectation is a fast EWMA
-  and, once a seasonal profile predicts the field well, the profile too; a point counts only
-  when both find it odd, so a daily ramp at its usual hour is no spike.
+* spike: the distance of the value from its expectation, against a robust noise scale and
+  against the size of the large distances that recur lately (a bar that relaxes while they
+  stop recurring). The expectation is a fast EWMA and, where a seasonal profile predicts the
+  field well, the profile as well: a point counts only when odd against both, so the daily ramp
+  at its usual hour is no spike.
+* rate: large jumps arriving faster than they have lately (a CUSUM of them): a burst of spikes
+  where single spikes are routine.
 * level_shift / drift: a two-sided CUSUM of the deviation from the slow level (or from the
-  seasonal profile when that predicts better), against the largest excursion seen recently.
-  After it fires the slow level jumps to the fast one, so a step is reported once.
-* seasonal profile: per configured period (a day and a week by default) a bounded profile of
-  expected value and spread per phase bin, learnt once the field has spanned a whole period and
-  trusted only when its error is well below the plain level's.
+  trusted seasonal profile), against the largest excursion seen lately. After it fires the slow
+  level restarts at the recent one, so one step is one incident; a return to a level the field
+  sat at before (a square wave, a machine switching modes) is no news.
+* seasonal profiles: per configured period (a day and a week by default) the expected value and
+  spread per phase bin. A profile starts once the field has lasted a quarter period (short-lived
+  streams never pay for it), and is trusted once it has predicted from earlier periods clearly
+  better than the plain level; a phase counts once it was seen in two earlier periods.
 * stuck: the value repeats exactly for many events while the field normally changes.
-* dropout: a numeric field that was present goes missing.
-Per categorical field: a value never seen before, after warm-up, in a field whose values are
-not new all the time. Per key: a gap in event time. Plus user rules over the event.
+* dropout: a numeric field that is normally present is null (or NaN).
+Per categorical field: a value never seen before, after warm-up, in a field whose values are not
+new all the time. Per key: a gap in event time. Plus user rules over the event. A numeric field
+that only increased during warm-up (a clock, a counter) is not scored.
 
-A field that only ever increased during warm-up (a counter or clock) is not scored.
-
-Hysteresis: the first event whose score reaches `open` opens an incident and escalates. While the
-incident is open the gate escalates again only for a clearly higher score, for a field (or a
+Hysteresis: the first event whose score reaches `open` opens an incident and escalates. While
+the incident is open the gate escalates again only for a clearly higher score, for a field (or a
 non-deviation kind) not yet in the incident, or after a cool-down that doubles with each repeat;
-`quiet` events under `close` end the incident. State is bounded whatever the stream length.
+`quiet` events under `close` end the incident. Thresholds do not learn from events inside an
+open incident. The state is bounded whatever the stream length (see `FieldGate`).
 
 >>> from ponder.types import Event, SourcePos
 >>> g, st = GatePolicy(), new_state()
@@ -45,8 +50,9 @@ from ponder.types import Event, Finding
 
 __all__ = ["GatePolicy", "GateState", "Rule", "Verdict", "new_state", "observe"]
 
-MAX_FIELDS = 32  # numeric and categorical fields tracked per key (each kind)
+MAX_FIELDS = 32  # numeric fields, and categorical fields, tracked per key
 MAX_VALUES = 32  # distinct values remembered per categorical field
+MAX_REGIMES = 4  # levels remembered per numeric field
 _DEVIATIONS = frozenset({"spike", "rate", "level_shift", "drift"})
 
 
@@ -62,11 +68,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class GatePolicy:
-    """Thresholds of the gate. Defaults were tuned on NAB and on the simulator's incidents (see
-    benchmarks/nab_gate.py).
+    """Thresholds of the gate. The defaults were tuned on NAB and on the simulator's incidents
+    (benchmarks/nab_gate.py).
 
-    Surprise signals are ratios `u` of a statistic to its threshold; a finding scores
+    A signal is a ratio `u` of a statistic to its threshold; its finding scores
     `(u - 1 + width) / (2 * width)` clipped to [0, 1], so `u = 1` scores 0.5, the default `open`.
+    Decays and rates are per event of the field.
     """
 
     warmup: int = 30  # events of a field before its signals score
@@ -74,27 +81,29 @@ class GatePolicy:
     close: float = 0.2  # score under which an incident quiets down
     quiet: int = 20  # events under `close` that end an incident
     cooldown: int = 200  # events before an open incident escalates again; doubles each time
-    renotify: float = 0.3  # score increase over the incident's peak that escalates again
+    renotify: float = 0.3  # rise of the score over the incident's peak that escalates again
     width: float = 0.5  # half-width of the score ramp around a threshold, in units of it
     alpha_fast: float = 0.2  # fast EWMA: the short-term expectation
     alpha_slow: float = 0.01  # slow EWMA: the level
-    alpha_scale: float = 0.02  # robust scales (EWMA of clipped absolute deviations)
-    decay: float = 0.002  # per event, of the recent maxima that thresholds adapt to
-    spike_decay: float = 0.002  # per event, of the recent maximum distance a spike must beat
+    alpha_scale: float = 0.02  # robust scales: EWMAs of absolute deviations clipped at 4 scales
+    decay: float = 0.002  # how fast the CUSUM bars and remembered levels are forgotten
     spike_z: float = 7.0  # least |value - expected| / noise scale that is a spike
-    spike_ratio: float = 1.3  # ... and its least ratio to the recent maximum of that distance
-    cusum_k: float = 1.0  # CUSUM slack, in scale units
-    cusum_clip: float = 5.0  # one event adds at most this to the CUSUM
+    spike_ratio: float = 1.3  # ... and its least ratio to the large distances that recur
+    spike_decay: float = 0.004  # rate of the EWMA of how often large distances occur
+    cusum_k: float = 1.1  # CUSUM slack, in scale units
+    cusum_clip: float = 5.0  # most one event adds to the CUSUM
     cusum_h: float = 25.0  # least CUSUM that is a level shift or drift
-    cusum_ratio: float = 1.5  # ... and its least ratio to the recent maximum
+    cusum_ratio: float = 1.5  # ... and its least ratio to the recent largest (also for bursts)
+    burst_k: float = 0.05  # rate: a large jump adds 1 to its CUSUM, every event takes this off
+    burst_h: float = 3.0  # least such CUSUM that is a burst
     seasons: tuple[tuple[float, int], ...] = ((86400.0, 48), (604800.0, 168))  # (period s, bins)
-    season_alpha: float = 0.2  # per period: how fast a seasonal profile follows change
+    season_alpha: float = 0.2  # per period: how fast a profile follows change
     season_gain: float = 0.5  # trust a profile whose error is under this share of the level's
     stuck: tuple[int, int] = (12, 60)  # identical repeats: score 0.5 .. 1
     stuck_min_change: float = 0.5  # share of steps that change, for a field to "normally vary"
     gap: tuple[float, float] = (6.0, 20.0)  # event interval / typical interval: score 0 .. 1
     new_value: float = 0.7  # score of a categorical value never seen before
-    dropout: float = 0.6  # score of a numeric field gone missing (null or NaN)
+    dropout: float = 0.6  # score of a numeric field gone missing ...
     max_missing: float = 0.05  # ... when it was missing at most this share of the time
     rules: tuple[Rule, ...] = ()
     fields: tuple[str, ...] | None = None  # score only these payload fields (None: all)
@@ -106,27 +115,29 @@ class GatePolicy:
         if not 0.0 <= self.close < self.open <= 1.0:
             bad(f"needs 0 <= close < open <= 1, got close={self.close} open={self.open}")
         for name in ("warmup", "quiet", "cooldown"):
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("alpha_fast", "alpha_slow", "alpha_scale", "decay", "spike_decay",
                      "season_alpha"):
-            v = getattr(self, name)
-            if not 0.0 < v < 1.0:
-                bad(f"{name} must be within (0, 1), got {v}")
+            if not 0.0 < getattr(self, name) < 1.0:
+                bad(f"{name} must be within (0, 1), got {getattr(self, name)}")
         if not 0.0 < self.width <= 1.0:
             bad(f"width must be within (0, 1], got {self.width}")
-        for name in ("spike_z", "cusum_h", "cusum_clip"):
+        for name in ("spike_z", "cusum_h", "cusum_clip", "burst_h", "burst_k"):
             if not getattr(self, name) > 0.0:
                 bad(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.cusum_k < 0.0 or self.renotify < 0.0:
-            bad("cusum_k and renotify must be >= 0")
-        if self.spike_ratio < 1.0 or self.cusum_ratio < 1.0:
-            bad("spike_ratio and cusum_ratio must be >= 1")
+        for name in ("cusum_k", "renotify"):
+            if not getattr(self, name) >= 0.0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("spike_ratio", "cusum_ratio"):
+            if not getattr(self, name) >= 1.0:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.season_gain <= 1.0:
             bad(f"season_gain must be within (0, 1], got {self.season_gain}")
-        for period, bins in self.seasons:
-            if not (period > 0.0 and math.isfinite(period)) or not 1 <= bins <= 1024:
-                bad(f"a season needs a period > 0 and 1..1024 bins, got {(period, bins)}")
+        for season in self.seasons:
+            period, bins = season
+            if not (0.0 < period < math.inf and isinstance(bins, int) and 1 <= bins <= 1024):
+                bad(f"a season is (period s > 0, 1..1024 bins), got {season!r}")
         lo, hi = self.stuck
         if not 2 <= lo < hi:
             bad(f"stuck needs 2 <= low < high, got {self.stuck}")
@@ -136,47 +147,51 @@ class GatePolicy:
         for name in ("new_value", "dropout", "stuck_min_change", "max_missing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(f"{name} must be within [0, 1], got {getattr(self, name)}")
-        # how long a field must last before any seasonal profile starts (a quarter period)
+        # a field must last this long before any seasonal profile starts
         span = 0.25 * min((p for p, _ in self.seasons), default=math.inf)
         object.__setattr__(self, "_season_span", span)
 
 
 class Season(msgspec.Struct, array_like=True):
-    """A seasonal profile of one field: expected value and spread per phase bin."""
+    """A seasonal profile of one field."""
 
     t0: float  # event time it started learning
-    err: float = 0.0  # robust mean |value - profile|: how well it predicts
-    n: int = 0  # predictions made
-    bins: dict[int, list[float]] = {}  # bin -> [mean, spread, visits]; only bins seen
+    err: float = 0.0  # robust mean |value - profile| of predictions from earlier periods
+    n: int = 0  # such predictions
+    # phase bin -> [mean, spread, visits, periods visited, last period visited]; bins seen only
+    bins: dict[int, list[float]] = {}
 
 
 class FieldGate(msgspec.Struct, array_like=True):
-    """What the gate keeps per numeric field: a fixed number of floats, the regime memory and,
-    per configured season, at most its number of bins."""
+    """What the gate keeps per numeric field: 30 numbers, at most `MAX_REGIMES` remembered
+    levels and, per configured season, at most 5 numbers per bin."""
 
     n: int = 0
     t0: float = 0.0  # event time of the first value
     last: float = 0.0
     fast: float = 0.0
     fdev: float = 0.0  # robust scale of value - fast
-    fabs: float = 0.0  # unclipped mean |value - fast|: a floor for fdev
+    fabs: float = 0.0  # mean |value - fast|: a tenth of it floors fdev
     slow: float = 0.0
     sdev: float = 0.0  # robust scale of value - slow
-    sabs: float = 0.0  # unclipped mean |value - slow|
-    rmax: float = 0.0  # decaying max of past |value - expected|
-    rmax2: float = 0.0  # ... and the runner-up, so one outlier does not raise the bar alone
-    cpos: float = 0.0
-    cneg: float = 0.0
-    cpeak: float = 0.0  # peak of the current CUSUM excursion
-    cmax: float = 0.0  # decaying max of the peaks of past CUSUM excursions
+    sabs: float = 0.0  # mean |value - slow|
+    big: float = 0.0  # size of the large distances from expectation (a relaxing max)
+    brate: float = 0.0  # EWMA of "the distance was large"
+    bc: float = 0.0  # CUSUM of large jumps
+    bpeak: float = 0.0  # peak of its current excursion
+    bmax: float = 0.0  # decaying max of the peaks of its past excursions
+    cpos: float = 0.0  # CUSUM of deviations up
+    cneg: float = 0.0  # ... and down
+    cpeak: float = 0.0
+    cmax: float = 0.0
     basis: int = 0  # what the CUSUM measures against: 0 the slow level, j the j-th season
     changes: float = 1.0  # EWMA of "the value changed this step"
     run: int = 0  # repeats of the current value
-    up: int = 0  # strictly increasing steps since the first value (counter detection)
-    counter: bool = False
+    up: int = 0  # strictly increasing steps since the first value
+    counter: bool = False  # only increased during warm-up: not scored
     nulls: int = 0  # consecutive missing values
     missing: float = 0.0  # EWMA of "the value was missing"
-    regimes: list[float] = []  # [level, n when left, ...]: levels the field settled at before
+    regimes: list[float] = []  # [level, n when left, ...]: levels the field sat at before
     seasons: list[Season | None] = []
 
 
@@ -221,7 +236,7 @@ def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
             floor: float) -> tuple[int, float, float]:
     """Fold `v` into the seasonal profiles; return (season number from 1, expected, scale) of
     the best trusted one, (0, 0.0, 0.0) when none is, or (-1, 0.0, 0.0) when the one in use
-    has not seen this phase yet."""
+    does not know this phase well enough yet."""
     best = (0, 0.0, 0.0)
     best_err = g.season_gain * fg.sdev  # a profile must beat the plain level clearly
     gap = False
@@ -230,42 +245,49 @@ def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
     for j, (period, nbins) in enumerate(g.seasons):
         sp = fg.seasons[j]
         if sp is None:
-            # a profile starts once the field has lasted a quarter period: short-lived
-            # streams never pay for it
             if ts - fg.t0 < 0.25 * period:
                 continue
             sp = fg.seasons[j] = Season(ts)
         b = min(nbins - 1, int((ts % period) / period * nbins))
-        cell = sp.bins.get(b)
-        learnt = ts - sp.t0 >= period and sp.n >= 10
+        k = float(ts // period)
+        # visits of one bin per period: the profile follows change at `season_alpha` per
+        # period whatever the sampling rate
+        visits = max(1.0, period / nbins / dt) if dt > 0.0 else 1.0
+        # trusted once it has predicted a quarter period's worth of events from earlier periods
+        learnt = ts - sp.t0 >= period and sp.n * dt >= 0.25 * period
         err = sp.err
-        # the profile in use stays in use unless another is clearly better
-        bar = err if j + 1 == fg.basis else 1.25 * err
+        bar = err if j + 1 == fg.basis else 1.25 * err  # the profile in use stays unless beaten
+        cell = sp.bins.get(b)
         if cell is None:
-            sp.bins[b] = [v, 0.0, 1.0]
-            gap = gap or (learnt and j + 1 == fg.basis and err < g.season_gain * fg.sdev)
+            sp.bins[b] = [v, 0.0, 1.0, 1.0, k]
+            gap = gap or (learnt and j + 1 == fg.basis)
             continue
-        m, d, c = cell
+        m, d, c, periods, last = cell
+        if k != last:
+            periods = cell[3] = min(periods + 1.0, 1e9)
+            cell[4] = k
         r = v - m
         scale = max(d, 0.5 * err, floor)
-        if learnt and bar < best_err:
-            best, best_err = (j + 1, m, scale), bar
-        # fold in: `season_alpha` per period whatever the sampling rate, and after the first
-        # period clipped, so one odd period cannot rewrite the profile
-        visits = max(1.0, period / nbins / dt) if dt > 0.0 else 1.0
+        if learnt:
+            if periods >= 3.0:  # the phase was seen in two earlier periods at least
+                if bar < best_err:
+                    best, best_err = (j + 1, m, scale), bar
+            elif j + 1 == fg.basis:
+                gap = True
+        # fold in, clipped after the first period, so one odd period cannot rewrite the profile
         a = max(1.0 / (c + 1.0), g.season_alpha / visits)
-        clip = 3.0 * scale if learnt else math.inf
+        clip = 3.0 * scale if ts - sp.t0 >= period else math.inf
         cell[0] = m + a * max(-clip, min(clip, r))
         cell[1] = d + a * (min(abs(r), clip) - d)
-        cell[2] = min(c + 1.0, 1e6)
-        # the profile's error is robust too: an anomaly must not cost the trust that finds it
-        ae = max(g.alpha_scale, 1.0 / (sp.n + 1.0))
-        sp.err = err + ae * (min(abs(r), 3.0 * max(err, floor) if sp.n >= 10 else math.inf) - err)
-        sp.n += 1
+        cell[2] = min(c + 1.0, 1e9)
+        if periods >= 2.0:
+            # a prediction from an earlier period; its error is robust, so an anomaly does not
+            # cost the trust that finds it
+            ae = max(g.alpha_scale, 1.0 / (sp.n + 1.0))
+            cap = 3.0 * max(err, floor) if sp.n >= 10 else math.inf
+            sp.err = err + ae * (min(abs(r), cap) - err)
+            sp.n += 1
     return (-1, 0.0, 0.0) if gap and best[0] == 0 else best
-
-
-MAX_REGIMES = 4
 
 
 def _remember(fg: FieldGate, level: float, tol: float) -> None:
@@ -278,7 +300,7 @@ def _remember(fg: FieldGate, level: float, tol: float) -> None:
     if len(reg) < 2 * MAX_REGIMES:
         reg.extend((level, float(fg.n)))
         return
-    k = min(range(0, len(reg), 2), key=lambda i: reg[i + 1])  # the longest ago
+    k = min(range(0, len(reg), 2), key=lambda i: reg[i + 1])  # the one left longest ago
     reg[k], reg[k + 1] = level, float(fg.n)
 
 
@@ -288,18 +310,18 @@ def _known(g: GatePolicy, fg: FieldGate, v: float, noise: float) -> bool:
     horizon = 2.0 / g.decay
     for k in range(0, len(reg), 2):
         level = reg[k]
-        if fg.n - reg[k + 1] > horizon:
-            continue
-        tol = 0.25 * abs(level - fg.slow) + 3.0 * noise
-        if min(abs(v - level), abs(fg.fast - level)) <= tol:
-            return True
+        if fg.n - reg[k + 1] <= horizon:
+            tol = 0.25 * abs(level - fg.slow) + 3.0 * noise
+            if abs(v - level) <= tol or abs(fg.fast - level) <= tol:
+                return True
     return False
 
 
 def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: float,
              learn: bool, out: list[Finding]) -> None:
     """Score one numeric value against the field's state, then fold it in."""
-    if fg.n == 0:
+    n = fg.n
+    if n == 0:
         fg.t0 = ts
         fg.slow = fg.fast = fg.last = v
         fg.n = 1
@@ -308,21 +330,27 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
     if fg.counter:
         fg.last = v
         return
-    if diff > 0.0 and fg.up == fg.n - 1:
+    if diff > 0.0 and fg.up == n - 1:
         fg.up += 1
         if fg.up >= g.warmup:
-            fg.counter = True  # a clock or counter: its level says nothing
+            fg.counter = True  # a clock or a counter: its level says nothing
             fg.seasons = []
             return
-    floor = 1e-9 * (abs(fg.slow) + 1.0)
-    s_fast = max(fg.fdev, 0.1 * fg.fabs, floor)
-    s_slow = max(fg.sdev, 0.1 * fg.sabs, floor)
-    r_fast = v - fg.fast
-    # expectation: the fast mean, and the seasonal profile where it predicts well; a point is
-    # odd only when odd against both
-    r, scale, expected = r_fast, s_fast, fg.fast
-    basis, e_season, s_season = (_season(g, fg, ts, v, dt, max(floor, 0.1 * s_slow))
-                                 if ts - fg.t0 >= g._season_span else (0, 0.0, 0.0))
+    fast, slow = fg.fast, fg.slow
+    floor = 1e-9 * (abs(slow) + 1.0)
+    s_fast = fg.fdev if fg.fdev > 0.1 * fg.fabs else 0.1 * fg.fabs
+    s_fast = s_fast if s_fast > floor else floor
+    s_slow = fg.sdev if fg.sdev > 0.1 * fg.sabs else 0.1 * fg.sabs
+    s_slow = s_slow if s_slow > floor else floor
+    r_fast = v - fast
+    # the expectation: the fast mean, or the seasonal profile where it predicts well and finds
+    # the value less odd
+    r, scale, expected = r_fast, s_fast, fast
+    if ts - fg.t0 >= g._season_span:  # type: ignore[attr-defined]
+        basis, e_season, s_season = _season(g, fg, ts, v, dt, max(floor, 0.1 * s_slow))
+    else:
+        basis, e_season, s_season = 0, 0.0, 0.0
+    zc: float | None
     if basis > 0:
         if basis != fg.basis:
             # the CUSUM's reference changed: its history says nothing about the new one
@@ -332,55 +360,82 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             r, scale, expected = r_season, s_season, e_season
         zc, base, c_scale = r_season / s_season, e_season, s_season
     elif basis < 0:
-        zc = None  # a phase the trusted profile has not seen yet: no CUSUM evidence either way
-        base, c_scale = fg.slow, s_slow
+        zc, base, c_scale = None, slow, s_slow  # a phase the profile in use cannot judge yet
     else:
         if fg.basis:
             fg.basis, fg.cpos, fg.cneg, fg.cpeak, fg.cmax = 0, 0.0, 0.0, 0.0, 0.0
-        zc, base, c_scale = (v - fg.slow) / s_slow, fg.slow, s_slow
+        zc, base, c_scale = (v - slow) / s_slow, slow, s_slow
     ar = abs(r)
-    w = g.width
-    scored = fg.n >= g.warmup
+    lo_w, hi_w = 1.0 - g.width, 1.0 + g.width
+    scored = n >= g.warmup
     if scored:
-        t = max(g.spike_z * scale, g.spike_ratio * fg.rmax2)
-        s = _ramp(ar / t, 1.0 - w, 1.0 + w)
+        # spike
+        t_abs = g.spike_z * scale
+        recur = fg.brate / g.spike_decay
+        t = g.spike_ratio * fg.big * (recur if recur < 1.0 else 1.0)
+        t = t if t > t_abs else t_abs
+        s = _ramp(ar / t, lo_w, hi_w)
         if s > 0.0 and not (basis <= 0 and _known(g, fg, v, s_fast)):
             out.append(Finding("spike", name, s, v, expected,
                                f"{r:+.4g} off expected, threshold {t:.4g}"))
-        if zc is not None:
-            zc = max(-g.cusum_clip, min(g.cusum_clip, zc))
-            fg.cpos = max(0.0, fg.cpos + zc - g.cusum_k)
-            fg.cneg = max(0.0, fg.cneg - zc - g.cusum_k)
-        c = max(fg.cpos, fg.cneg)
-        h = max(g.cusum_h, g.cusum_ratio * fg.cmax)
-        s = _ramp(c / h, 1.0 - w, 1.0 + w)
-        # back at a level it sat at before (a square wave, a machine switching modes): no news
-        known = s > 0.0 and not fg.basis and _known(g, fg, v, s_fast)
-        fg.cmax *= 1.0 - g.decay
-        if s > 0.0 and not known:
-            kind = "level_shift" if abs(fg.fast - base) > 4.0 * c_scale else "drift"
-            out.append(Finding(kind, name, s, v, base,
-                               f"cusum {c:.0f} vs {h:.0f}, recent mean {fg.fast:.4g} vs {base:.4g}"))
+        big = ar > t_abs
+        if big:
+            fg.big = ar if ar > fg.big else fg.big + 0.05 * (ar - fg.big)
+            fg.brate += g.spike_decay * (1.0 - fg.brate)
+        else:
+            fg.brate -= g.spike_decay * fg.brate
+        # rate: large jumps (not the lag after one step) faster than lately
+        bc = fg.bc + (1.0 if big and abs(diff) > t_abs else 0.0) - g.burst_k
+        bc = bc if bc > 0.0 else 0.0
+        hb = g.cusum_ratio * fg.bmax
+        hb = hb if hb > g.burst_h else g.burst_h
+        s = _ramp(bc / hb, lo_w, hi_w)
+        if s > 0.0:
+            out.append(Finding("rate", name, s, v, expected,
+                               f"large deviations arriving fast ({bc:.1f} vs {hb:.1f})"))
+        fg.bmax *= 1.0 - g.decay
         if s >= 1.0:
-            # restart from the new level, so one step is one incident; a key that was not
-            # already in an incident learns that excursions this large happen
+            bc = fg.bpeak = 0.0
+            if learn:
+                fg.bmax = max(fg.bmax, hb)
+        elif bc == 0.0:
+            fg.bmax = max(fg.bmax, fg.bpeak)  # an excursion ended by itself: it was ordinary
+            fg.bpeak = 0.0
+        elif bc > fg.bpeak:
+            fg.bpeak = bc
+        fg.bc = bc
+        # level shift / drift
+        if zc is not None:
+            clip = g.cusum_clip
+            zc = clip if zc > clip else (-clip if zc < -clip else zc)
+            cp = fg.cpos + zc - g.cusum_k
+            cn = fg.cneg - zc - g.cusum_k
+            fg.cpos = cp if cp > 0.0 else 0.0
+            fg.cneg = cn if cn > 0.0 else 0.0
+        c = fg.cpos if fg.cpos > fg.cneg else fg.cneg
+        h = g.cusum_ratio * fg.cmax
+        h = h if h > g.cusum_h else g.cusum_h
+        s = _ramp(c / h, lo_w, hi_w)
+        known = s > 0.0 and not fg.basis and _known(g, fg, v, s_fast)
+        if s > 0.0 and not known:
+            kind = "level_shift" if abs(fast - base) > 4.0 * c_scale else "drift"
+            out.append(Finding(kind, name, s, v, base,
+                               f"cusum {c:.0f} vs {h:.0f}, recent mean {fast:.4g} vs {base:.4g}"))
+        fg.cmax *= 1.0 - g.decay
+        if s >= 1.0:
+            # restart from the recent level, so one step is one incident; a key not already in
+            # an incident learns that excursions this large happen
             fg.cpos = fg.cneg = fg.cpeak = 0.0
             if not fg.basis:
-                _remember(fg, fg.slow, 3.0 * s_fast)
-                fg.slow = fg.fast
+                _remember(fg, slow, 3.0 * s_fast)
+                fg.slow = slow = fast
             if learn and not known:
                 fg.cmax = max(fg.cmax, h)
         elif c == 0.0:
-            # an excursion ended by itself: it was ordinary
             fg.cmax = max(fg.cmax, fg.cpeak)
             fg.cpeak = 0.0
-        else:
-            fg.cpeak = max(fg.cpeak, c)
-        keep = 1.0 - g.spike_decay
-        if ar > fg.rmax * keep:
-            fg.rmax, fg.rmax2 = ar, fg.rmax * keep
-        else:
-            fg.rmax, fg.rmax2 = fg.rmax * keep, max(fg.rmax2 * keep, ar)
+        elif c > fg.cpeak:
+            fg.cpeak = c
     lo, hi = g.stuck
     if diff == 0.0:
         fg.run += 1
@@ -389,31 +444,34 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             out.append(Finding("stuck", name, s, v, None, f"same value {fg.run + 1} times"))
     else:
         fg.run = 0
-    # fold the value in: plain means until warm, then EWMAs of deviations clipped at 4 scales,
-    # so an outlier cannot inflate the scale it is measured against
-    d = v - fg.slow
-    if fg.n < g.warmup:
-        a = 1.0 / (fg.n + 1)
-        fg.fdev += a * (abs(r_fast) - fg.fdev)
-        fg.fabs = fg.fdev
-        fg.slow += a * d
-        fg.sdev += a * (abs(d) - fg.sdev)
-        fg.sabs = fg.sdev
+    # fold the value in: plain means until warm, then EWMAs (starting as plain means) of
+    # deviations clipped at 4 scales, so an outlier cannot inflate the scale it is measured by
+    d = v - slow
+    ad, af = abs(d), abs(r_fast)
+    if n < g.warmup:
+        a = 1.0 / (n + 1)
+        fg.fdev = fg.fabs = fg.fdev + a * (af - fg.fdev)
+        fg.slow = slow + a * d
+        fg.sdev = fg.sabs = fg.sdev + a * (ad - fg.sdev)
     else:
-        # weights start as plain means and settle to the EWMA rates
-        a = max(g.alpha_scale, 1.0 / (fg.n + 1))
-        fg.fdev += a * (min(abs(r_fast), 4.0 * s_fast) - fg.fdev)
-        fg.fabs += a * (abs(r_fast) - fg.fabs)
-        dc = max(-4.0 * s_slow, min(4.0 * s_slow, d))
-        fg.slow += max(g.alpha_slow, 1.0 / (fg.n + 1)) * dc
-        fg.sdev += a * (abs(dc) - fg.sdev)
-        fg.sabs += a * (abs(d) - fg.sabs)
-    fg.fast += g.alpha_fast * (v - fg.fast)
+        a = 1.0 / (n + 1)
+        a_scale = a if a > g.alpha_scale else g.alpha_scale
+        a_slow = a if a > g.alpha_slow else g.alpha_slow
+        cf, cs = 4.0 * s_fast, 4.0 * s_slow
+        fg.fdev += a_scale * ((af if af < cf else cf) - fg.fdev)
+        fg.fabs += a_scale * (af - fg.fabs)
+        dc = d if ad < cs else (cs if d > 0.0 else -cs)
+        fg.slow = slow + a_slow * dc
+        fg.sdev += a_scale * ((ad if ad < cs else cs) - fg.sdev)
+        fg.sabs += a_scale * (ad - fg.sabs)
+    fg.fast = fast + g.alpha_fast * r_fast
     if fg.run < lo:  # a stuck run does not teach the field that it is normally still
-        fg.changes += max(g.alpha_slow, 1.0 / fg.n) * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
+        a = 1.0 / n
+        a = a if a > g.alpha_slow else g.alpha_slow
+        fg.changes += a * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
     fg.missing -= g.alpha_slow * fg.missing
     fg.last = v
-    fg.n += 1
+    fg.n = n + 1
     fg.nulls = 0
 
 
@@ -457,19 +515,21 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
             st.dt = dt if st.dt == 0.0 else st.dt + 0.05 * (min(dt, 10.0 * st.dt) - st.dt)
     st.last_ts = ts
     st.n += 1
+    learn = not st.open
+    only = g.fields
     for name, v in event.payload.items():
-        if g.fields is not None and name not in g.fields:
+        if only is not None and name not in only:
             continue
-        if isinstance(v, bool):
-            _categorical(g, st, name, "true" if v else "false", findings)
-        elif isinstance(v, (int, float)) and _finite(v):
-            fg = st.fields.get(name)
-            if fg is None:
-                if len(st.fields) >= MAX_FIELDS:
-                    continue
-                fg = st.fields[name] = FieldGate()
-            _numeric(g, fg, name, float(v), ts, st.dt, not st.open, findings)
-        elif v is None or isinstance(v, float):
+        if v.__class__ is float or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            if _finite(v):
+                fg = st.fields.get(name)
+                if fg is None:
+                    if len(st.fields) >= MAX_FIELDS:
+                        continue
+                    fg = st.fields[name] = FieldGate()
+                _numeric(g, fg, name, float(v), ts, st.dt, learn, findings)
+                continue
+        if v is None or isinstance(v, float):  # null, NaN or infinite: missing
             fg = st.fields.get(name)
             if fg is not None and not fg.counter:
                 fg.nulls += 1
@@ -478,6 +538,8 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
                 fg.missing += g.alpha_slow * (1.0 - fg.missing)
         elif isinstance(v, str):
             _categorical(g, st, name, v, findings)
+        elif isinstance(v, bool):
+            _categorical(g, st, name, "true" if v else "false", findings)
     for rule in g.rules:
         hit = rule.when(event)
         if hit:

@@ -343,15 +343,17 @@ class Worker:
             if tp in positions and first < positions[tp]:
                 positions[tp] = first
         sink_meta = getattr(self.sink, "checkpoint_meta", None)
+        metas: dict[tuple[str, int], dict[str, int]] = {}
+        for tp in by_tp:
+            metas[tp] = sink_meta(tp[1], positions[tp]) if sink_meta is not None and tp in positions else {}
+        # Step 2.
+        if self.changelog is not None and by_tp:
+            reached = await self.changelog.publish({tp[1]: (by_tp[tp], metas[tp]) for tp in by_tp})
+            for tp in by_tp:
+                metas[tp]["changelog"] = reached[tp[1]]
+        # Step 3.
         for tp, states in by_tp.items():
-            meta: dict[str, int] = {}
-            if sink_meta is not None and tp in positions:
-                meta.update(sink_meta(tp[1], positions[tp]))
-            # Step 2.
-            if self.changelog is not None:
-                meta["changelog"] = await self.changelog.publish(tp[1], states, meta)
-            # Step 3.
-            self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, meta)
+            self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, metas[tp])
         # Step 4.
         commit = getattr(self.source, "commit", None)
         if commit is not None and positions:
@@ -364,12 +366,14 @@ class Worker:
     async def assign(self, partitions: list[tuple[str, int]]) -> None:
         """Take partitions over: open their stores, bring them up to the changelog, and learn
         which outputs of uncommitted input already exist."""
+        stores = {tp[1]: self._store(tp) for tp in partitions}
+        if self.changelog is not None:
+            metas = await self.changelog.restore(stores)
+        else:
+            metas = {p: s.meta() for p, s in stores.items()}
         recover = getattr(self.sink, "recover", None)
-        for tp in partitions:
-            store = self._store(tp)
-            meta = await self.changelog.restore(tp[1], store) if self.changelog else store.meta()
-            if recover is not None:
-                await recover(tp[1], meta)
+        if recover is not None:
+            await recover(metas)
         self._assigned = (self._assigned or set()) | set(partitions)
         logger.info("assigned %s", partitions)
 

@@ -37,11 +37,12 @@ class Changelog(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
-    async def publish(self, partition: int, states: Mapping[str, bytes | None],
-                      meta: Mapping[str, int]) -> int:
-        """Make the states and meta durable; return the changelog position they reach."""
+    async def publish(self, batches: Mapping[int, tuple[Mapping[str, bytes | None], Mapping[str, int]]]
+                      ) -> dict[int, int]:
+        """Make each partition's states and meta durable; return the changelog position each
+        partition reaches."""
         ...
 
-    async def restore(self, partition: int, store: Store) -> dict[str, int]:
-        """Bring `store` up to date; return its meta."""
+    async def restore(self, stores: Mapping[int, Store]) -> dict[int, dict[str, int]]:
+        """Bring each partition's store up to date; return each one's meta."""
         ...

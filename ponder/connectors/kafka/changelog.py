@@ -49,40 +49,43 @@ class KafkaChangelog:
             await self._producer.stop()
             self._producer = None
 
-    async def publish(self, partition: int, states: Mapping[str, bytes | None],
-                      meta: Mapping[str, int]) -> int:
-        """Send the states and the meta record of one partition; return the next changelog
-        offset once the broker has acknowledged all of them."""
+    async def publish(self, batches: Mapping[int, tuple[Mapping[str, bytes | None], Mapping[str, int]]]
+                      ) -> dict[int, int]:
+        """Send the states and one meta record per partition; once the broker has acknowledged
+        all of them (one flush for all partitions), return each partition's next offset."""
         assert self._producer is not None, "KafkaChangelog.start() was not called"
         send = self._producer.send
-        for key, value in states.items():
-            await send(self.topic, value=value, key=key.encode(), partition=partition)
-        fut = await send(self.topic, value=_meta_codec.encode(dict(meta)), key=b"\0meta",
-                         partition=partition, headers=[(_META_HEADER, b"1")])
+        last = {}
+        for partition, (states, meta) in batches.items():
+            for key, value in states.items():
+                await send(self.topic, value=value, key=key.encode(), partition=partition)
+            last[partition] = await send(self.topic, value=_meta_codec.encode(dict(meta)), key=b"\0meta",
+                                         partition=partition, headers=[(_META_HEADER, b"1")])
         await self._producer.flush()
-        md = await fut
-        return md.offset + 1
+        return {p: (await fut).offset + 1 for p, fut in last.items()}
 
-    async def restore(self, partition: int, store: Store) -> dict[str, int]:
-        """Bring `store` up to the changelog's end; return the meta it now reflects."""
-        meta = store.meta()
-        start = meta.get("changelog", 0)
-        latest: dict[str, int] = {}
-        end = start
-        pending: dict[str, bytes | None] = {}
-        async for batch in read_to_end(self.brokers, self.topic, partition, start):
+    async def restore(self, stores: Mapping[int, Store]) -> dict[int, dict[str, int]]:
+        """Bring each partition's store up to the changelog's end; return the meta each now
+        reflects. One consumer reads all partitions."""
+        starts = {p: s.meta().get("changelog", 0) for p, s in stores.items()}
+        ends = dict(starts)
+        latest: dict[int, dict[str, int]] = {}
+        pending: dict[int, dict[str, bytes | None]] = {p: {} for p in stores}
+        async for p, batch in read_to_end(self.brokers, self.topic, starts):
             for rec in batch:
-                end = rec.offset + 1
                 if rec.headers and any(k == _META_HEADER for k, _ in rec.headers):
-                    latest = _meta_dec.decode(rec.value)
-                    continue
-                pending[rec.key.decode()] = rec.value
+                    latest[p] = _meta_dec.decode(rec.value)
+                else:
+                    pending[p][rec.key.decode()] = rec.value
+            ends[p] = batch[-1].offset + 1
             self.restored_records += len(batch)
-            if len(pending) >= 10_000:
-                store.write(pending, {}, {"changelog": end})
-                pending = {}
-        if end > start or pending:
-            latest.pop("changelog", None)
-            store.write(pending, {}, {**latest, "changelog": end})
-            logger.info("restored %s[%d] from changelog offsets %d..%d", self.topic, partition, start, end)
-        return store.meta()
+            if len(pending[p]) >= 10_000:
+                stores[p].write(pending[p], {}, {"changelog": ends[p]})
+                pending[p] = {}
+        for p, store in stores.items():
+            if ends[p] > starts[p]:
+                meta = latest.get(p, {})
+                meta.pop("changelog", None)
+                store.write(pending[p], {}, {**meta, "changelog": ends[p]})
+                logger.info("restored %s[%d] from changelog offsets %d..%d", self.topic, p, starts[p], ends[p])
+        return {p: s.meta() for p, s in stores.items()}

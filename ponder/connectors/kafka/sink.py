@@ -139,26 +139,26 @@ class KafkaSink:
                 meta[f"{kind}_from"] = self._end[(kind, partition)]
         return meta
 
-    async def recover(self, partition: int, meta: dict[str, int]) -> int:
-        """Before replaying input partition `partition`, learn which outputs already exist."""
+    async def recover(self, metas: dict[int, dict[str, int]]) -> int:
+        """Before replaying input partitions, learn which of their outputs already exist."""
         found = 0
         for kind, topic in self.topics.items():
-            # no checkpoint has recorded where to look yet: everything may be a duplicate
-            start = meta.get(f"{kind}_from", 0)
             header = "decision_id" if kind == "decisions" else "dead_letter_id"
-            ids: set[str] = set()
-            end = start
-            async for batch in read_to_end(self.brokers, topic, partition, start):
+            # no checkpoint has recorded where to look yet: everything may be a duplicate
+            starts = {p: meta.get(f"{kind}_from", 0) for p, meta in metas.items()}
+            ids: dict[int, set[str]] = {p: set() for p in starts}
+            async for p, batch in read_to_end(self.brokers, topic, starts):
                 for rec in batch:
-                    end = rec.offset + 1
                     for k, v in rec.headers or ():
                         if k == header:
-                            ids.add(v.decode())
-            self._suppress[(kind, partition)] = ids
-            self._end[(kind, partition)] = max(end, self._end.get((kind, partition), 0))
-            found += len(ids)
+                            ids[p].add(v.decode())
+                end = batch[-1].offset + 1
+                self._end[(kind, p)] = max(end, self._end.get((kind, p), 0))
+            for p, found_ids in ids.items():
+                self._suppress[(kind, p)] = found_ids
+                found += len(found_ids)
         if found:
-            logger.info("partition %d: %d outputs already emitted will not be sent again", partition, found)
+            logger.info("partitions %s: %d outputs already emitted will not be sent again", sorted(metas), found)
         return found
 
     def forget(self, partition: int) -> None:
