@@ -96,6 +96,7 @@ class ScriptedOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the engine's pool expects
+            wbufsize = -1  # buffered: headers and body leave in one write, flushed per request
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -119,7 +120,7 @@ class ScriptedOpenAIServer:
                     self.send_header("content-length", str(len(out)))
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
-                    self.end_headers()  # headers and body leave in one write: no Nagle stall
+                    self.end_headers()
                     self.wfile.write(out)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)

@@ -363,10 +363,30 @@ def ponder_state_sizes(root: Path) -> dict[str, Any]:
             "state_bytes_per_key_msgpack": round(total / keys, 1) if keys else None}
 
 
+SRC = ROOT  # where `ponder` is imported from; main() points it at a snapshot of this checkout
+
+
+def snapshot_ponder(run_dir: Path) -> dict[str, Any]:
+    """Copy ponder/ into the run directory and import it from there, in this process and in
+    every peer, so that edits to the checkout during a long run cannot mix versions."""
+    global SRC
+    SRC = run_dir / "src"
+    shutil.copytree(ROOT / "ponder", SRC / "ponder", ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(SRC))
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "ponder").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_files": dirty,
+            "snapshot": str(SRC / "ponder")}
+
+
 def peer_env(args: argparse.Namespace, brokers: str, names: dict[str, str], state: Path,
              extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), str(PEERS_DIR)]),
+    env.update(PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), str(PEERS_DIR)]),
                PYTHONUNBUFFERED="1", BENCH_BROKERS=brokers, BENCH_IN=names["in"],
                BENCH_OUT=names["out"], BENCH_GROUP=names["group"], BENCH_STATE=str(state),
                BENCH_PARTITIONS=str(args.partitions), BENCH_LOGIC=args.logic, BENCH_COMMIT_S="2.0")
@@ -554,7 +574,9 @@ def measure_restart(args: argparse.Namespace, brokers: str, run_dir: Path, tag: 
                    "events_per_s": round(total / (t_done - proc.t_start), 1), "stop_s": round(stop_s, 2)}
     res.update(ponder_state_sizes(state / names["group"]))
     log_topic = f"{names['group']}.iot_monitor.changelog"
-    res["changelog_records"] = sum(asyncio.run(highwaters(brokers, log_topic, args.partitions)).values())
+    log_ends = asyncio.run(highwaters(brokers, log_topic, args.partitions))
+    res["changelog_records"] = sum(log_ends.values())
+    res["changelog_records_per_partition"] = [log_ends.get(p, 0) for p in range(args.partitions)]
     say(f"[restart] filled in {res['fill']['seconds']}s; {res['keys']} keys stored; "
         f"{res['state_bytes_per_key_disk']} B/key on disk, {res['state_bytes_per_key_msgpack']} B/key "
         f"msgpack; changelog {res['changelog_records']:,} records; graceful stop {stop_s:.2f}s")
@@ -581,6 +603,9 @@ def measure_restart(args: argparse.Namespace, brokers: str, run_dir: Path, tag: 
         restored = sum(int(b) - int(a) for a, b in re.findall(r"from changelog offsets (\d+)\.\.(\d+)", text))
         r: dict[str, Any] = {"stop_s": round(stop_s, 2), "changelog_records_replayed": restored,
                              "log": str(proc.log)}
+        # correctness: the store must hold every key again (plus none new: the probe's key exists)
+        r["keys_in_store_after"] = ponder_state_sizes(state_dir / names["group"])["keys"]
+        r["partitions_restored"] = sorted(int(p) for p in re.findall(r"changelog\[(\d+)\] from changelog", text))
         if t_ready is None:
             r.update(status="error", error=proc.tail(2000))
         else:
@@ -589,7 +614,12 @@ def measure_restart(args: argparse.Namespace, brokers: str, run_dir: Path, tag: 
             r["assigned_s"] = round(t_assigned - proc.t_start, 3)
         res[label] = r
         say(f"[restart] from {label}: ready (probe committed) {r.get('ready_s')}s, "
-            f"assigned {r.get('assigned_s')}s, {restored:,} changelog records replayed")
+            f"assigned {r.get('assigned_s')}s, {restored:,} changelog records replayed, "
+            f"{r['keys_in_store_after']:,} keys in the store after")
+        if r["keys_in_store_after"] < res["keys"]:
+            r["status"] = "error"
+            r["error"] = (f"after the restart the store holds {r['keys_in_store_after']} keys, not "
+                          f"{res['keys']}: the restore is incomplete")
     res["status"] = "ok" if all(res[k].get("status") == "ok" for k in ("local_rocksdb", "changelog")) else "error"
     return res
 
@@ -692,9 +722,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"unknown peer {p!r}; choose from {PEERS}")
     args.profile_file = None
 
+    run_dir = Path(tempfile.mkdtemp(prefix="ponder-kbench-"))
+    code = snapshot_ponder(run_dir)
+
     from ponder.connectors.kafka.dev import DevBroker
 
-    run_dir = Path(tempfile.mkdtemp(prefix="ponder-kbench-"))
     tag = f"{int(time.time()) % 100000}"
     previous: dict[str, Any] = {}
     if args.out.exists():
@@ -736,6 +768,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "of all partitions delivered); startup_s: process start -> first event processed "
                    "(ponder: the 'assigned' log line); events_per_s_after_startup = events / "
                    "(seconds - startup_s); publishing the input is not timed"),
+        "ponder_code": code,
         "venvs": {k: v for k, v in REQS.items()},
         "run_dir": str(run_dir),
     }
@@ -793,6 +826,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if name in TARGETS:
                 result["targets_met"][name] = {"target": TARGETS[name], "ratio": round(ratio, 3),
                                                "met": ratio >= TARGETS[name]}
+        # same logic, same input, same code: the decisions written must agree in number
+        result["same_decisions"] = {
+            name: r.get("outputs") == pon.get("outputs") for name, r in pr.items()
+            if name != "ponder" and r.get("status") == "ok" and r.get("logic") == "ponder"
+            and r.get("events") == pon.get("events")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -19,8 +19,9 @@ request does not fail its batch; but when *no* request of a batch could even con
 backend as a whole is down and `generate` raises EngineError.
 
 Structured output. `json_schema` sends OpenAI's `response_format` (vLLM, llama.cpp, SGLang
-and OpenAI accept it); `vllm` sends vLLM's `structured_outputs: {"json": schema}` (vLLM >=
-0.10.2; older vLLM takes `guided_json`, pass it through `extra_body`); `none` sends neither.
+and OpenAI accept it); `vllm` sends vLLM's `structured_outputs: {"json": schema}` (current
+vLLM; `guided_json`, which v0.12 removed, can still go through `extra_body` for older servers);
+`none` sends neither.
 `auto` starts as `json_schema` and drops to `none` for good if the server rejects it with a 400.
 The answer is validated after generation either way (operators/decide.py).
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import os
 import random
 import time
 from typing import Any, Sequence
@@ -74,7 +74,7 @@ class OpenAIEngine:
             base += "/v1"  # `http://host:8000` means the usual OpenAI root
         self.base_url, self.model, self.mode = base, model, mode
         self.url = base + ("/chat/completions" if mode == "chat" else "/completions")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.api_key = api_key  # explicit only: never send an ambient key to an arbitrary URL
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self.retries, self.backoff_s = retries, backoff_s
         self.structured, self.temperature, self.seed = structured, temperature, seed

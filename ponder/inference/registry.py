@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import TYPE_CHECKING, Sequence
 
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexEngine, ReflexRule
 
+if TYPE_CHECKING:
+    from ponder.operators.route import TierSpec
+
 __all__ = ["build_engine"]
 
+_RETRIES = 2
 
-def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), default_action: str = "none") -> Engine:
-    """`reflex` builds the rule engine; an Engine instance is used as is.
 
-    Model-backed specs (`jax:PATH`, `http(s)://…`) are resolved by their engine modules; an
-    unknown spec is an error that names what is accepted.
+def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Sequence[ReflexRule] = (),
+                 default_action: str = "none") -> Engine:
+    """Build the engine a spec names.
+
+    * `reflex`: the rule engine;
+    * `http://…` / `https://…`: any OpenAI-compatible server (vLLM, llama.cpp, `ponder
+      serve-model`); the API key, if any, comes from $PONDER_API_KEY;
+    * an Engine instance is used as is.
     """
     if not isinstance(spec, str):
         if not hasattr(spec, "generate"):
@@ -23,5 +32,16 @@ def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), defaul
         return spec
     if spec == "reflex":
         return ReflexEngine(rules, default_action=default_action)
-    msg = f"unknown engine spec {spec!r}: this build accepts 'reflex' or an Engine instance"
+    if spec.startswith(("http://", "https://")):
+        from ponder.inference.openai import OpenAIEngine
+
+        max_batch = tier.max_batch if tier else 8
+        concurrency = tier.max_concurrency if tier else 4
+        # the batcher's timeout covers every retry of a request together
+        timeout_s = (tier.timeout_s if tier else 30.0) / (_RETRIES + 1)
+        return OpenAIEngine(spec, (tier.model if tier else "") or "default",
+                            max_concurrency=max_batch * concurrency, timeout_s=timeout_s,
+                            retries=_RETRIES, api_key=os.environ.get("PONDER_API_KEY"))
+    msg = (f"unknown engine spec {spec!r}: expected 'reflex', an http(s):// URL of an "
+           "OpenAI-compatible server, or an Engine instance")
     raise ValueError(msg)

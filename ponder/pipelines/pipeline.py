@@ -102,7 +102,7 @@ class Pipeline:
         built = dict(engines or {})
         for t in self.tiers:
             if t.name not in built:
-                built[t.name] = build_engine(t.engine, rules=self.reflex, default_action=self.actions[0])
+                built[t.name] = build_engine(t.engine, tier=t, rules=self.reflex, default_action=self.actions[0])
         return logic, Decoder(self.key, self.time, self.schema), built
 
 
