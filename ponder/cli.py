@@ -289,8 +289,12 @@ def subscribe(
     """Print decisions (or any JSON records) from a topic."""
     from ponder.connectors.kafka.publish import subscribe as do_subscribe
 
-    n = asyncio.run(do_subscribe(brokers, topic, count=count, from_beginning=from_beginning,
-                                 idle_timeout=idle_timeout, as_json=as_json, console=out))
+    try:
+        n = asyncio.run(do_subscribe(brokers, topic, count=count, from_beginning=from_beginning,
+                                     idle_timeout=idle_timeout, as_json=as_json, console=out))
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     err.print(f"{n} records")
 
 

@@ -177,7 +177,8 @@ class FieldGate(msgspec.Struct, array_like=True):
     sabs: float = 0.0  # mean |value - slow|
     big: float = 0.0  # size of the large distances from expectation (a relaxing max)
     brate: float = 0.0  # EWMA of "the distance was large"
-    bc: float = 0.0  # CUSUM of large jumps
+    odd: bool = False  # the last value was far from its expectation
+    bc: float = 0.0  # CUSUM of departures from expectation
     bpeak: float = 0.0  # peak of its current excursion
     bmax: float = 0.0  # decaying max of the peaks of its past excursions
     cpos: float = 0.0  # CUSUM of deviations up
@@ -384,8 +385,10 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             fg.brate += g.spike_decay * (1.0 - fg.brate)
         else:
             fg.brate -= g.spike_decay * fg.brate
-        # rate: large jumps (not the lag after one step) faster than lately
-        bc = fg.bc + (1.0 if big and abs(diff) > t_abs else 0.0) - g.burst_k
+        # rate: departures from the expected (a large distance after an ordinary one, so
+        # neither the way back nor the lag after a step counts) faster than lately
+        bc = fg.bc + (1.0 if big and not fg.odd else 0.0) - g.burst_k
+        fg.odd = big
         bc = bc if bc > 0.0 else 0.0
         hb = g.cusum_ratio * fg.bmax
         hb = hb if hb > g.burst_h else g.burst_h
@@ -396,8 +399,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         fg.bmax *= 1.0 - g.decay
         if s >= 1.0:
             bc = fg.bpeak = 0.0
-            if learn:
-                fg.bmax = max(fg.bmax, hb)
+            fg.bmax = max(fg.bmax, hb)
         elif bc == 0.0:
             fg.bmax = max(fg.bmax, fg.bpeak)  # an excursion ended by itself: it was ordinary
             fg.bpeak = 0.0
@@ -437,18 +439,23 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         elif c > fg.cpeak:
             fg.cpeak = c
     lo, hi = g.stuck
+    stuck = False
     if diff == 0.0:
         fg.run += 1
-        if scored and fg.run >= lo and fg.changes >= g.stuck_min_change:
+        stuck = fg.run >= lo and fg.changes >= g.stuck_min_change
+        if stuck and scored:
             s = 0.5 + 0.5 * min(1.0, (fg.run - lo) / (hi - lo))
             out.append(Finding("stuck", name, s, v, None, f"same value {fg.run + 1} times"))
     else:
         fg.run = 0
     # fold the value in: plain means until warm, then EWMAs (starting as plain means) of
-    # deviations clipped at 4 scales, so an outlier cannot inflate the scale it is measured by
+    # deviations clipped at 4 scales, so an outlier cannot inflate the scale it is measured by;
+    # the fast mean follows a stuck value, the rest waits for it to move
     d = v - slow
     ad, af = abs(d), abs(r_fast)
-    if n < g.warmup:
+    if stuck:
+        pass  # a stuck sensor says nothing about the field's noise, nor how often it changes
+    elif n < g.warmup:
         a = 1.0 / (n + 1)
         fg.fdev = fg.fabs = fg.fdev + a * (af - fg.fdev)
         fg.slow = slow + a * d
@@ -465,7 +472,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         fg.sdev += a_scale * ((ad if ad < cs else cs) - fg.sdev)
         fg.sabs += a_scale * (ad - fg.sabs)
     fg.fast = fast + g.alpha_fast * r_fast
-    if fg.run < lo:  # a stuck run does not teach the field that it is normally still
+    if not stuck:
         a = 1.0 / n
         a = a if a > g.alpha_slow else g.alpha_slow
         fg.changes += a * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
