@@ -92,7 +92,7 @@ def mistral_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
+def qwen2_dir(tmp_path_factory):
     """Built and saved by transformers, in 100 KB shards, with random q/k/v biases and norms."""
     path = tmp_path_factory.mktemp("qwen2")
     torch.manual_seed(0)
@@ -192,9 +192,9 @@ def test_incremental_prefill_equals_full(llama_dir):
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)
 
 
-def test_batched_right_padded_equals_unbatched(qwen_dir):
+def test_batched_right_padded_equals_unbatched(qwen2_dir):
     """Two rows of different lengths and starts, right-padded with junk, in two calls."""
-    cfg, params = checkpoint.load(qwen_dir)
+    cfg, params = checkpoint.load(qwen2_dir)
     a, b = _prompt(cfg, 30, seed=1)[0], _prompt(cfg, 12, seed=2)[0]
     junk = _prompt(cfg, 20, seed=3)[0]
     full_a, full_b = _ours(params, cfg, a[None])[0], _ours(params, cfg, b[None])[0]
@@ -243,10 +243,10 @@ def test_greedy_generation_matches_transformers(ckpt):
     assert len(set(ref)) > 1  # not a degenerate repeat
 
 
-def test_sharded_load_and_save(qwen_dir, tmp_path):
-    index = json.loads((qwen_dir / "model.safetensors.index.json").read_text())
+def test_sharded_load_and_save(qwen2_dir, tmp_path):
+    index = json.loads((qwen2_dir / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    cfg, params = checkpoint.load(qwen_dir)
+    cfg, params = checkpoint.load(qwen2_dir)
     checkpoint.save(tmp_path, cfg, params, shard_bytes=50_000)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     cfg2, params2 = checkpoint.load(tmp_path)

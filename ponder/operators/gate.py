@@ -188,6 +188,7 @@ class FieldGate(msgspec.Struct, array_like=True):
     basis: int = 0  # what the CUSUM measures against: 0 the slow level, j the j-th season
     changes: float = 1.0  # EWMA of "the value changed this step"
     run: int = 0  # repeats of the current value
+    runmax: float = 0.0  # decaying max of past ordinary runs of repeats
     up: int = 0  # strictly increasing steps since the first value
     counter: bool = False  # only increased during warm-up: not scored
     nulls: int = 0  # consecutive missing values
@@ -438,16 +439,22 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             fg.cpeak = 0.0
         elif c > fg.cpeak:
             fg.cpeak = c
+    # stuck: a value repeated longer than the field's runs of repeats lately (and `stuck[0]`)
     lo, hi = g.stuck
+    lo_run = g.cusum_ratio * fg.runmax
+    lo_run = lo_run if lo_run > lo else lo
     stuck = False
     if diff == 0.0:
         fg.run += 1
-        stuck = fg.run >= lo and fg.changes >= g.stuck_min_change
+        stuck = fg.run >= lo_run and fg.changes >= g.stuck_min_change
         if stuck and scored:
-            s = 0.5 + 0.5 * min(1.0, (fg.run - lo) / (hi - lo))
+            s = 0.5 + 0.5 * min(1.0, (fg.run - lo_run) / (hi - lo))
             out.append(Finding("stuck", name, s, v, None, f"same value {fg.run + 1} times"))
     else:
+        if fg.run and fg.run < lo_run:
+            fg.runmax = max(fg.runmax, fg.run)  # an ordinary run of repeats
         fg.run = 0
+    fg.runmax *= 1.0 - g.decay
     # fold the value in: plain means until warm, then EWMAs (starting as plain means) of
     # deviations clipped at 4 scales, so an outlier cannot inflate the scale it is measured by;
     # the fast mean follows a stuck value, the rest waits for it to move
