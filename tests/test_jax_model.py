@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import jax
+import torch
+import transformers
 
 import jax.numpy as jnp  # noqa: E402
 
@@ -24,7 +24,7 @@ from ponder.inference.jax.config import PRESETS, ModelConfig  # noqa: E402
 from ponder.inference.jax.tokenizer import Tokenizer  # noqa: E402
 
 FORWARD = jax.jit(model.forward, static_argnums=1)
-LENGTHS = (1, 7, 33)
+LENGTHS = (1, 7, 33)  # the other tests reuse these shapes where they can: compiling dominates
 S = 64  # cache length in these tests
 
 LLAMA = ModelConfig(
@@ -181,11 +181,11 @@ def test_rope_scaling_matches_transformers(tmp_path, scaling):
 
 def test_incremental_prefill_equals_full(llama_dir):
     cfg, params = checkpoint.load(llama_dir)
-    tokens = _prompt(cfg, 28)
+    tokens = _prompt(cfg, 33)
     full = _ours(params, cfg, tokens)
     k, v = model.init_cache(cfg, 1, S)
     got, pos = [], 0
-    for n in (20, 5, 1, 1, 1):  # prefill, append a chunk, then decode one at a time
+    for n in (20, 5) + (1,) * 8:  # prefill, append a chunk, then decode one at a time
         logits, k, v = FORWARD(params, cfg, jnp.asarray(tokens[:, pos : pos + n]), jnp.array([pos]), k, v)
         got.append(np.asarray(logits))
         pos += n
@@ -195,47 +195,48 @@ def test_incremental_prefill_equals_full(llama_dir):
 def test_batched_right_padded_equals_unbatched(qwen2_dir):
     """Two rows of different lengths and starts, right-padded with junk, in two calls."""
     cfg, params = checkpoint.load(qwen2_dir)
-    a, b = _prompt(cfg, 30, seed=1)[0], _prompt(cfg, 12, seed=2)[0]
+    a, b = _prompt(cfg, 33, seed=1)[0], _prompt(cfg, 7, seed=2)[0]
     junk = _prompt(cfg, 20, seed=3)[0]
     full_a, full_b = _ours(params, cfg, a[None])[0], _ours(params, cfg, b[None])[0]
 
     k, v = model.init_cache(cfg, 2, S)
-    call1 = np.stack([a[:20], np.concatenate([b[:8], junk[:12]])])
+    call1 = np.stack([a[:20], np.concatenate([b[:5], junk[:15]])])
     l1, k, v = FORWARD(params, cfg, jnp.asarray(call1), jnp.array([0, 0]), k, v)
-    call2 = np.stack([a[20:30], np.concatenate([b[8:12], junk[:6]])])
-    l2, k, v = FORWARD(params, cfg, jnp.asarray(call2), jnp.array([20, 8]), k, v)
-    call3 = np.stack([a[29:30], b[11:12]])  # rewrite the last token: the same logits come back
-    l3, k, v = FORWARD(params, cfg, jnp.asarray(call3), jnp.array([29, 11]), k, v)
+    call2 = np.stack([a[20:33], np.concatenate([b[5:7], junk[:11]])])
+    l2, k, v = FORWARD(params, cfg, jnp.asarray(call2), jnp.array([20, 5]), k, v)
+    call3 = np.stack([a[32:33], b[6:7]])  # rewrite the last token: the same logits come back
+    l3, k, v = FORWARD(params, cfg, jnp.asarray(call3), jnp.array([32, 6]), k, v)
 
     l1, l2, l3 = np.asarray(l1), np.asarray(l2), np.asarray(l3)
     close = dict(atol=1e-5, rtol=0)
     np.testing.assert_allclose(l1[0], full_a[:20], **close)
-    np.testing.assert_allclose(l2[0], full_a[20:30], **close)
-    np.testing.assert_allclose(l1[1, :8], full_b[:8], **close)
-    np.testing.assert_allclose(l2[1, :4], full_b[8:12], **close)
-    np.testing.assert_allclose(l3[:, 0], np.stack([full_a[29], full_b[11]]), **close)
+    np.testing.assert_allclose(l2[0], full_a[20:33], **close)
+    np.testing.assert_allclose(l1[1, :5], full_b[:5], **close)
+    np.testing.assert_allclose(l2[1, :2], full_b[5:7], **close)
+    np.testing.assert_allclose(l3[:, 0], np.stack([full_a[32], full_b[6]]), **close)
 
 
 def test_writes_past_the_cache_are_dropped(llama_dir):
     cfg, params = checkpoint.load(llama_dir)
-    k, v = model.init_cache(cfg, 1, 8)
-    tokens = jnp.asarray(_prompt(cfg, 6))
-    _, k, v = FORWARD(params, cfg, tokens, jnp.array([4]), k, v)  # positions 4..9 of 0..7
-    assert np.all(np.asarray(k[:, :, :4]) == 0) and np.all(np.asarray(k[:, :, 4:]) != 0)
+    k, v = model.init_cache(cfg, 1, S)
+    tokens = jnp.asarray(_prompt(cfg, 7))
+    _, k, v = FORWARD(params, cfg, tokens, jnp.array([S - 3]), k, v)  # 3 slots left for 7 tokens
+    k = np.asarray(k)
+    assert np.all(k[:, :, : S - 3] == 0) and np.all(k[:, :, S - 3 :] != 0)
 
 
 def test_greedy_generation_matches_transformers(ckpt):
     path, hf, cfg, params = ckpt
-    prompt = _prompt(cfg, 9, seed=11)
+    prompt = _prompt(cfg, 7, seed=11)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False)[0, 9:].tolist()
+        ref = hf.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False)[0, 7:].tolist()
 
     k, v = model.init_cache(cfg, 1, S)
     logits, k, v = FORWARD(params, cfg, jnp.asarray(prompt), jnp.array([0]), k, v)
     ours = [int(logits[0, -1].argmax())]
     for i in range(15):
         tok = jnp.array([[ours[-1]]], jnp.int32)
-        logits, k, v = FORWARD(params, cfg, tok, jnp.array([9 + i]), k, v)
+        logits, k, v = FORWARD(params, cfg, tok, jnp.array([7 + i]), k, v)
         ours.append(int(logits[0, -1].argmax()))
     # transformers stops at an eos token; ours ran on, so compare up to there
     assert len(ref) == 16 or ref[-1] in cfg.eos_token_id
@@ -264,6 +265,13 @@ def test_config_round_trip():
     assert PRESETS["qwen2.5-0.5b-shape"].num_params == 494_032_768  # the real model's count
     assert 25e6 < PRESETS["small"].num_params < 35e6
     hash(LLAMA.replace(rope_scaling={"rope_type": "linear", "factor": 2.0}))  # usable as a jit static
+    # transformers v5 writes `rope_parameters` (theta inside) instead of rope_theta + rope_scaling
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # fmt: skip
+    cfg = LLAMA.replace(rope_scaling=scaling, rope_theta=5e5)
+    v5 = transformers.AutoConfig.for_model(**cfg.to_hf()).to_dict()
+    assert "rope_parameters" in v5 and "rope_scaling" not in v5
+    assert ModelConfig.from_hf(v5) == cfg
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ class GatePolicy:
     cusum_h: float = 25.0  # least CUSUM that is a level shift or drift
     cusum_ratio: float = 1.5  # ... and its least ratio to the recent largest (also for bursts)
     burst_k: float = 0.05  # rate: a large jump adds 1 to its CUSUM, every event takes this off
-    burst_h: float = 3.0  # least such CUSUM that is a burst
+    burst_h: float = 2.5  # least such CUSUM that is a burst
     seasons: tuple[tuple[float, int], ...] = ((86400.0, 48), (604800.0, 168))  # (period s, bins)
     season_alpha: float = 0.2  # per period: how fast a profile follows change
     season_gain: float = 0.5  # trust a profile whose error is under this share of the level's
@@ -157,6 +157,8 @@ class Season(msgspec.Struct, array_like=True):
 
     t0: float  # event time it started learning
     err: float = 0.0  # robust mean |value - profile| of predictions from earlier periods
+    mae: float = 0.0  # ... and the plain mean, over about a period
+    fae: float = 0.0  # the plain mean |value - fast mean| over the same events
     n: int = 0  # such predictions
     # phase bin -> [mean, spread, visits, periods visited, last period visited]; bins seen only
     bins: dict[int, list[float]] = {}
@@ -177,7 +179,7 @@ class FieldGate(msgspec.Struct, array_like=True):
     sabs: float = 0.0  # mean |value - slow|
     big: float = 0.0  # size of the large distances from expectation (a relaxing max)
     brate: float = 0.0  # EWMA of "the distance was large"
-    odd: bool = False  # the last value was far from its expectation
+    last_r: float = 0.0  # the last |value - expected|
     bc: float = 0.0  # CUSUM of departures from expectation
     bpeak: float = 0.0  # peak of its current excursion
     bmax: float = 0.0  # decaying max of the peaks of its past excursions
@@ -188,7 +190,7 @@ class FieldGate(msgspec.Struct, array_like=True):
     basis: int = 0  # what the CUSUM measures against: 0 the slow level, j the j-th season
     changes: float = 1.0  # EWMA of "the value changed this step"
     run: int = 0  # repeats of the current value
-    runmax: float = 0.0  # decaying max of past ordinary runs of repeats
+    runmax: float = 0.0  # decaying max of past runs of repeats
     up: int = 0  # strictly increasing steps since the first value
     counter: bool = False  # only increased during warm-up: not scored
     nulls: int = 0  # consecutive missing values
@@ -271,8 +273,10 @@ def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
         r = v - m
         scale = max(d, 0.5 * err, floor)
         if learnt:
-            if periods >= 3.0:  # the phase was seen in two earlier periods at least
-                if bar < best_err:
+            # the phase was seen in two earlier periods at least, and the profile predicts no
+            # worse than the fast mean on average either
+            if periods >= 3.0:
+                if bar < best_err and sp.mae < sp.fae:
                     best, best_err = (j + 1, m, scale), bar
             elif j + 1 == fg.basis:
                 gap = True
@@ -288,6 +292,10 @@ def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
             ae = max(g.alpha_scale, 1.0 / (sp.n + 1.0))
             cap = 3.0 * max(err, floor) if sp.n >= 10 else math.inf
             sp.err = err + ae * (min(abs(r), cap) - err)
+            am = 1.0 / (sp.n + 1.0)
+            am = am if am > dt / (2.0 * period) else dt / (2.0 * period)
+            sp.mae += am * (abs(r) - sp.mae)
+            sp.fae += am * (abs(v - fg.fast) - sp.fae)
             sp.n += 1
     return (-1, 0.0, 0.0) if gap and best[0] == 0 else best
 
@@ -306,8 +314,9 @@ def _remember(fg: FieldGate, level: float, tol: float) -> None:
     reg[k], reg[k + 1] = level, float(fg.n)
 
 
-def _known(g: GatePolicy, fg: FieldGate, v: float, noise: float) -> bool:
-    """Whether `v` (or the fast mean) is back at a level the field sat at recently."""
+def _known(g: GatePolicy, fg: FieldGate, v: float, noise: float) -> float | None:
+    """A level the field sat at recently that `v` (or the fast mean) is back at, within a
+    quarter of the way from the current level plus 3 noise scales."""
     reg = fg.regimes
     horizon = 2.0 / g.decay
     for k in range(0, len(reg), 2):
@@ -315,8 +324,8 @@ def _known(g: GatePolicy, fg: FieldGate, v: float, noise: float) -> bool:
         if fg.n - reg[k + 1] <= horizon:
             tol = 0.25 * abs(level - fg.slow) + 3.0 * noise
             if abs(v - level) <= tol or abs(fg.fast - level) <= tol:
-                return True
-    return False
+                return level
+    return None
 
 
 def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: float,
@@ -338,6 +347,26 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             fg.counter = True  # a clock or a counter: its level says nothing
             fg.seasons = []
             return
+    scored = n >= g.warmup
+    # stuck: a value repeated longer than the field's runs of repeats lately (and `stuck[0]`),
+    # in a field that normally changes; while stuck, nothing else is scored nor learnt
+    lo, hi = g.stuck
+    lo_run = g.cusum_ratio * fg.runmax
+    lo_run = lo_run if lo_run > lo else lo
+    fg.runmax *= 1.0 - g.decay
+    if diff == 0.0:
+        fg.run += 1
+        if fg.run >= lo_run and fg.changes >= g.stuck_min_change:
+            if scored:
+                s = 0.5 + 0.5 * min(1.0, (fg.run - lo_run) / (hi - lo))
+                out.append(Finding("stuck", name, s, v, None, f"same value {fg.run + 1} times"))
+            fg.n = n + 1
+            fg.nulls = 0
+            return
+    else:
+        if fg.run > fg.runmax:
+            fg.runmax = fg.run  # runs this long happen
+        fg.run = 0
     fast, slow = fg.fast, fg.slow
     floor = 1e-9 * (abs(slow) + 1.0)
     s_fast = fg.fdev if fg.fdev > 0.1 * fg.fabs else 0.1 * fg.fabs
@@ -369,7 +398,6 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         zc, base, c_scale = (v - slow) / s_slow, slow, s_slow
     ar = abs(r)
     lo_w, hi_w = 1.0 - g.width, 1.0 + g.width
-    scored = n >= g.warmup
     if scored:
         # spike
         t_abs = g.spike_z * scale
@@ -377,19 +405,20 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         t = g.spike_ratio * fg.big * (recur if recur < 1.0 else 1.0)
         t = t if t > t_abs else t_abs
         s = _ramp(ar / t, lo_w, hi_w)
-        if s > 0.0 and not (basis <= 0 and _known(g, fg, v, s_fast)):
+        if s > 0.0 and not (basis <= 0 and _known(g, fg, v, s_fast) is not None):
             out.append(Finding("spike", name, s, v, expected,
                                f"{r:+.4g} off expected, threshold {t:.4g}"))
-        big = ar > t_abs
-        if big:
+        # departures from the expected: a large distance, and twice the last one (neither the
+        # way back nor the lag after a step counts again); how large they are and how often
+        depart = ar > t_abs and ar > 2.0 * fg.last_r
+        fg.last_r = ar
+        if depart:
             fg.big = ar if ar > fg.big else fg.big + 0.05 * (ar - fg.big)
             fg.brate += g.spike_decay * (1.0 - fg.brate)
         else:
             fg.brate -= g.spike_decay * fg.brate
-        # rate: departures from the expected (a large distance after an ordinary one, so
-        # neither the way back nor the lag after a step counts) faster than lately
-        bc = fg.bc + (1.0 if big and not fg.odd else 0.0) - g.burst_k
-        fg.odd = big
+        # rate: departures faster than lately
+        bc = fg.bc + (1.0 if depart else 0.0) - g.burst_k
         bc = bc if bc > 0.0 else 0.0
         hb = g.cusum_ratio * fg.bmax
         hb = hb if hb > g.burst_h else g.burst_h
@@ -419,7 +448,8 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         h = g.cusum_ratio * fg.cmax
         h = h if h > g.cusum_h else g.cusum_h
         s = _ramp(c / h, lo_w, hi_w)
-        known = s > 0.0 and not fg.basis and _known(g, fg, v, s_fast)
+        # back at a level it sat at before (a square wave, a machine switching modes): no news
+        known = s > 0.0 and not fg.basis and _known(g, fg, v, s_fast) is not None
         if s > 0.0 and not known:
             kind = "level_shift" if abs(fast - base) > 4.0 * c_scale else "drift"
             out.append(Finding(kind, name, s, v, base,
@@ -439,30 +469,11 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             fg.cpeak = 0.0
         elif c > fg.cpeak:
             fg.cpeak = c
-    # stuck: a value repeated longer than the field's runs of repeats lately (and `stuck[0]`)
-    lo, hi = g.stuck
-    lo_run = g.cusum_ratio * fg.runmax
-    lo_run = lo_run if lo_run > lo else lo
-    stuck = False
-    if diff == 0.0:
-        fg.run += 1
-        stuck = fg.run >= lo_run and fg.changes >= g.stuck_min_change
-        if stuck and scored:
-            s = 0.5 + 0.5 * min(1.0, (fg.run - lo_run) / (hi - lo))
-            out.append(Finding("stuck", name, s, v, None, f"same value {fg.run + 1} times"))
-    else:
-        if fg.run and fg.run < lo_run:
-            fg.runmax = max(fg.runmax, fg.run)  # an ordinary run of repeats
-        fg.run = 0
-    fg.runmax *= 1.0 - g.decay
     # fold the value in: plain means until warm, then EWMAs (starting as plain means) of
-    # deviations clipped at 4 scales, so an outlier cannot inflate the scale it is measured by;
-    # the fast mean follows a stuck value, the rest waits for it to move
+    # deviations clipped at 4 scales, so an outlier cannot inflate the scale it is measured by
     d = v - slow
     ad, af = abs(d), abs(r_fast)
-    if stuck:
-        pass  # a stuck sensor says nothing about the field's noise, nor how often it changes
-    elif n < g.warmup:
+    if n < g.warmup:
         a = 1.0 / (n + 1)
         fg.fdev = fg.fabs = fg.fdev + a * (af - fg.fdev)
         fg.slow = slow + a * d
@@ -479,10 +490,9 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         fg.sdev += a_scale * ((ad if ad < cs else cs) - fg.sdev)
         fg.sabs += a_scale * (ad - fg.sabs)
     fg.fast = fast + g.alpha_fast * r_fast
-    if not stuck:
-        a = 1.0 / n
-        a = a if a > g.alpha_slow else g.alpha_slow
-        fg.changes += a * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
+    a = 1.0 / n
+    a = a if a > g.alpha_slow else g.alpha_slow
+    fg.changes += a * ((1.0 if diff != 0.0 else 0.0) - fg.changes)
     fg.missing -= g.alpha_slow * fg.missing
     fg.last = v
     fg.n = n + 1

@@ -83,7 +83,8 @@ def load(path: str | Path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
         layers = {}
         for key in _layer_keys(cfg):
             name, transpose = _LAYER[key]
-            layers[key] = jnp.asarray(np.stack([get(f"model.layers.{i}.{name}", transpose) for i in range(L)]), to)
+            stacked = np.stack([get(f"model.layers.{i}.{name}", transpose) for i in range(L)])
+            layers[key] = jnp.asarray(stacked, to)
         params = {
             "embed": jnp.asarray(get("model.embed_tokens.weight"), to),
             "layers": layers,

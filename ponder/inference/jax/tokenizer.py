@@ -46,7 +46,9 @@ def _compile(template: str):
         # transformers' override: no HTML escaping, options exposed
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -120,14 +122,22 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render `messages` as transformers' `apply_chat_template(..., tokenize=False)` does."""
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
+        """Render `messages` as transformers' `apply_chat_template(..., tokenize=False)` does:
+        same jinja environment, None-valued message keys dropped, the special tokens
+        (bos_token, eos_token, ...) and `kwargs` (tools, documents, ...) as template variables.
+
+        Unlike transformers v5 with `sanitize_control_tokens=True`, text that spells a control
+        token (e.g. "<|im_end|>" inside an event payload) is rendered as is and later encodes as
+        that token: escape untrusted content before it reaches a template."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        template_kwargs = {**self.special_tokens, **kwargs}
+        variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
         return _compile(self.chat_template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **template_kwargs
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
 
     def vocab(self) -> list[bytes]:
@@ -140,7 +150,8 @@ class Tokenizer:
         out = [b""] * (max(self.tk.get_vocab(with_added_tokens=True).values()) + 1)
         for token, i in self.tk.get_vocab(with_added_tokens=False).items():
             if byte_level:
-                out[i] = bytes(byte_map[c] for c in token) if all(c in byte_map for c in token) else token.encode()
+                known = all(c in byte_map for c in token)
+                out[i] = bytes(byte_map[c] for c in token) if known else token.encode()
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
                 out[i] = bytes([int(token[3:5], 16)])
             else:
@@ -179,7 +190,8 @@ def _line(rng: random.Random) -> str:
     key = f"{rng.choice(('device', 'sensor', 'pump', 'line'))}-{rng.randint(0, 9999):04d}"
     kind = rng.randrange(5)
     if kind == 0:
-        values = {f: round(rng.uniform(-50, 150), rng.randint(0, 3)) for f in rng.sample(_FIELDS, rng.randint(1, 4))}
+        fields = rng.sample(_FIELDS, rng.randint(1, 4))
+        values = {f: round(rng.uniform(-50, 150), rng.randint(0, 3)) for f in fields}
         return json.dumps({"key": key, "ts": round(rng.uniform(1.6e9, 1.8e9), 3), **values})
     if kind == 1:
         decision = {
@@ -192,7 +204,8 @@ def _line(rng: random.Random) -> str:
     if kind == 2:
         h, m, s = rng.randrange(24), rng.randrange(60), rng.randrange(60)
         f = rng.choice(_FIELDS)
-        return f"{h:02d}:{m:02d}:{s:02d} {key} {f}={rng.uniform(-50, 150):.2f} (mean {rng.uniform(0, 100):.1f}, z={rng.gauss(0, 3):+.2f})"
+        value, mean, z = rng.uniform(-50, 150), rng.uniform(0, 100), rng.gauss(0, 3)
+        return f"{h:02d}:{m:02d}:{s:02d} {key} {f}={value:.2f} (mean {mean:.1f}, z={z:+.2f})"
     if kind == 3:
         return " ".join(_sentence(rng) for _ in range(rng.randint(1, 4)))
     # a little of everything else: punctuation, accents, Cyrillic
@@ -227,12 +240,8 @@ def write_tokenizer_files(path: str | Path, tk: tokenizers.Tokenizer, model_max_
     """tokenizer.json and a Qwen-style tokenizer_config.json that transformers' AutoTokenizer loads."""
     path = Path(path)
     tk.save(str(path / "tokenizer.json"))
-    added = {
-        str(tk.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True
-        }
-        for t in SPECIAL_TOKENS
-    }
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    added = {str(tk.token_to_id(t)): {"content": t, **flags} for t in SPECIAL_TOKENS}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
