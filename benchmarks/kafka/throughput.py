@@ -74,6 +74,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "kafka_throughput.json"
 sys.path.insert(0, str(ROOT))
 
 PEERS = ("ponder", "faust", "quix", "bytewax", "passthrough")
+# extra runs, not in the default set: Bytewax without recovery (state only in memory, not durable)
+EXTRA_PEERS = ("bytewax_memory",)
 # pinned per peer; the venv is rebuilt when this list changes
 REQS: dict[str, list[str]] = {
     "faust": ["faust-streaming==0.15.3", "mode-streaming==0.7.1", "aiokafka==0.14.0",
@@ -84,7 +86,7 @@ REQS: dict[str, list[str]] = {
     "tools": ["py-spy==0.4.1"],
 }
 # ponder's targets: events/s of ponder over the peer's must reach this
-TARGETS = {"faust": 10.0, "quix": 2.0, "bytewax": 1.0, "passthrough": 0.5}
+TARGETS = {"faust": 10.0, "quix": 2.0, "bytewax": 1.0, "bytewax_memory": 1.0, "passthrough": 0.5}
 WORKER_FLAGS = ["--session-timeout-ms", "6000", "--checkpoint-interval", "2.0"]
 
 
@@ -426,9 +428,10 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
     state = run_dir / peer / "state"
     state.mkdir(parents=True, exist_ok=True)
     log = run_dir / peer / "log.txt"
+    kind = "bytewax" if peer.startswith("bytewax") else peer
     try:
         py = None if peer == "ponder" else venv_python(
-            peer, base_python_for_bytewax() if peer == "bytewax" else sys.executable)
+            kind, base_python_for_bytewax() if kind == "bytewax" else sys.executable)
     except Exception as e:  # noqa: BLE001 - a peer that cannot install is reported, not fatal
         res.update(status="error", error=f"virtualenv: {type(e).__name__}: {e}")
         return res
@@ -436,7 +439,7 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
     topics = {names["in"]: args.partitions, names["out"]: args.partitions}
     if peer == "ponder":
         topics[names["dead"]] = args.partitions
-    if peer == "bytewax":
+    if kind == "bytewax":
         topics[names["done"]] = 1
     asyncio.run(create_topics(brokers, topics))
     t0 = time.perf_counter()
@@ -454,14 +457,15 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
         cmd = [str(py), str(PEERS_DIR / "faust_app.py"), "worker", "--without-web", "-l", "warn"]
     elif peer == "quix":
         cmd = [str(py), str(PEERS_DIR / "quix_app.py")]
-    elif peer == "bytewax":
-        rec = run_dir / peer / "recovery"
-        rec.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(py), "-m", "bytewax.recovery", str(rec), "1"], check=True, env=env,
-                       capture_output=True)
+    elif kind == "bytewax":
         env.update(BENCH_ENDS=json.dumps(ends), BENCH_DONE=names["done"])
-        cmd = [str(py), "-m", "bytewax.run", "bytewax_app:flow", "-w", "1", "-r", str(rec),
-               "-s", "2", "-b", "0"]
+        cmd = [str(py), "-m", "bytewax.run", "bytewax_app:flow", "-w", "1"]
+        if peer == "bytewax":  # durable: SQLite recovery snapshots every 2 s
+            rec = run_dir / peer / "recovery"
+            rec.mkdir(parents=True, exist_ok=True)
+            subprocess.run([str(py), "-m", "bytewax.recovery", str(rec), "1"], check=True, env=env,
+                           capture_output=True)
+            cmd += ["-r", str(rec), "-s", "2", "-b", "0"]
         stop_sig = signal.SIGINT
     elif peer == "passthrough":
         cmd = [str(py), str(PEERS_DIR / "passthrough.py")]
@@ -479,7 +483,7 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
                                      "--nonblocking"], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
     timeout = args.timeout_s
-    if peer == "bytewax":
+    if kind == "bytewax":
         t_done, _n, err = asyncio.run(wait_markers(proc, brokers, names["done"], sum(e > 0 for e in ends.values()),
                                                    timeout))
         done_events = total if err is None else None
@@ -697,7 +701,7 @@ def add_notes(result: dict[str, Any]) -> None:
         parts = [f"runs {what}", result["peer_setup"].get(name, "")]
         if r.get("notes_size"):
             parts.append(r["notes_size"])
-        if name == "bytewax":
+        if name.startswith("bytewax"):
             parts.append("end = per-partition end markers delivered (no group commit to poll)")
         same = result.get("same_decisions", {}).get(name)
         if same is False:
@@ -712,7 +716,7 @@ def parse_peer_events(items: list[str]) -> dict[str, int]:
     out = {}
     for it in items:
         name, _, n = it.partition("=")
-        if name not in PEERS or not n.isdigit():
+        if name not in PEERS + EXTRA_PEERS or not n.isdigit():
             msg = f"--peer-events wants PEER=N with PEER one of {PEERS}, got {it!r}"
             raise argparse.ArgumentTypeError(msg)
         out[name] = int(n)
@@ -739,14 +743,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--restart-events-per-key", type=int, default=3)
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, run ponder once more under py-spy; top functions in the JSON")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other peers of the existing --out file (re-run or add some peers)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs, state)")
     args = ap.parse_args(argv)
     args.peer_events = parse_peer_events(args.peer_events)
     peers = [] if args.peers == "none" else [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
-        if p not in PEERS:
-            ap.error(f"unknown peer {p!r}; choose from {PEERS}")
+        if p not in PEERS + EXTRA_PEERS:
+            ap.error(f"unknown peer {p!r}; choose from {PEERS + EXTRA_PEERS}")
     args.profile_file = None
 
     run_dir = Path(tempfile.mkdtemp(prefix="ponder-kbench-"))
@@ -788,6 +794,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "bytewax": "bytewax 0.21.1, 1 worker, KafkaSource(tail=True) -> key_on -> stateful_map -> "
                        "KafkaSink, SQLite recovery snapshots every 2 s (state is Python objects in "
                        "memory between snapshots); no consumer group",
+            "bytewax_memory": "as bytewax but without -r: no recovery snapshots, state only in "
+                              "memory (not durable: a restart starts from scratch)",
             "passthrough": "aiokafka 0.14.0 consumer group -> producer, flush + commit per fetched "
                            "batch (<= 5000 records)",
         },
@@ -810,8 +818,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"on broker {brokers}; run dir {run_dir}")
                 result["events"] = len(records)
                 result["peers"] = {}
+                if args.merge and previous.get("peers"):
+                    # add to (or replace in) the previous run's peers; each keeps its own run_at
+                    result["peers"].update(previous["peers"])
+                    for k in ("ponder_profiled_run", "restart"):
+                        if k in previous:
+                            result.setdefault(k, previous[k])
+                    result["merged_into"] = previous.get("timestamp")
                 for peer in peers:
-                    result["peers"][peer] = run_peer(peer, args, brokers, records, run_dir, tag)
+                    r = run_peer(peer, args, brokers, records, run_dir, tag)
+                    r["run_at"] = result["timestamp"]
+                    r["ponder_commit"] = code["commit"]
+                    result["peers"][peer] = r
                 if args.profile:
                     args.profile_file = run_dir / "ponder-pyspy.txt"
                     r = run_peer("ponder", args, brokers, records, run_dir / "profile", tag + "p")

@@ -157,7 +157,7 @@ class Season(msgspec.Struct, array_like=True):
 
     t0: float  # event time it started learning
     err: float = 0.0  # robust mean |value - profile| of predictions from earlier periods
-    mae: float = 0.0  # ... and the plain mean, over about a period
+    mae: float = 0.0  # ... and the plain mean, over about two periods
     fae: float = 0.0  # the plain mean |value - fast mean| over the same events
     n: int = 0  # such predictions
     # phase bin -> [mean, spread, visits, periods visited, last period visited]; bins seen only
@@ -179,7 +179,7 @@ class FieldGate(msgspec.Struct, array_like=True):
     sabs: float = 0.0  # mean |value - slow|
     big: float = 0.0  # size of the large distances from expectation (a relaxing max)
     brate: float = 0.0  # EWMA of "the distance was large"
-    last_r: float = 0.0  # the last |value - expected|
+    last_r: float = 0.0  # the last |value - fast mean|
     bc: float = 0.0  # CUSUM of departures from expectation
     bpeak: float = 0.0  # peak of its current excursion
     bmax: float = 0.0  # decaying max of the peaks of its past excursions
@@ -195,7 +195,8 @@ class FieldGate(msgspec.Struct, array_like=True):
     counter: bool = False  # only increased during warm-up: not scored
     nulls: int = 0  # consecutive missing values
     missing: float = 0.0  # EWMA of "the value was missing"
-    regimes: list[float] = []  # [level, n when left, ...]: levels the field sat at before
+    settled: int = 0  # when the slow level last restarted
+    regimes: list[float] = []  # [level, n when last there, ...]: levels the field sat at
     seasons: list[Season | None] = []
 
 
@@ -274,9 +275,9 @@ def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
         scale = max(d, 0.5 * err, floor)
         if learnt:
             # the phase was seen in two earlier periods at least, and the profile predicts no
-            # worse than the fast mean on average either
+            # worse than twice the fast mean on average (a cycle that drifts against the period does)
             if periods >= 3.0:
-                if bar < best_err and sp.mae < sp.fae:
+                if bar < best_err and sp.mae < 2.0 * sp.fae:
                     best, best_err = (j + 1, m, scale), bar
             elif j + 1 == fg.basis:
                 gap = True
@@ -314,18 +315,17 @@ def _remember(fg: FieldGate, level: float, tol: float) -> None:
     reg[k], reg[k + 1] = level, float(fg.n)
 
 
-def _known(g: GatePolicy, fg: FieldGate, v: float, noise: float) -> float | None:
-    """A level the field sat at recently that `v` (or the fast mean) is back at, within a
-    quarter of the way from the current level plus 3 noise scales."""
+def _known(g: GatePolicy, fg: FieldGate, x: float, noise: float) -> bool:
+    """Whether `x` is at a level the field sat at recently: within a quarter of the way from
+    the current level, plus 3 noise scales."""
     reg = fg.regimes
     horizon = 2.0 / g.decay
     for k in range(0, len(reg), 2):
         level = reg[k]
-        if fg.n - reg[k + 1] <= horizon:
-            tol = 0.25 * abs(level - fg.slow) + 3.0 * noise
-            if abs(v - level) <= tol or abs(fg.fast - level) <= tol:
-                return level
-    return None
+        if fg.n - reg[k + 1] <= horizon and \
+                abs(x - level) <= 0.25 * abs(level - fg.slow) + 3.0 * noise:
+            return True
+    return False
 
 
 def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: float,
@@ -381,6 +381,12 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         basis, e_season, s_season = _season(g, fg, ts, v, dt, max(floor, 0.1 * s_slow))
     else:
         basis, e_season, s_season = 0, 0.0, 0.0
+    # a remembered level the field is at again is refreshed (and refined)
+    reg = fg.regimes
+    for k in range(0, len(reg), 2):
+        if abs(fast - reg[k]) <= 3.0 * s_fast:
+            reg[k] += 0.05 * (fast - reg[k])
+            reg[k + 1] = float(n)
     zc: float | None
     if basis > 0:
         if basis != fg.basis:
@@ -405,13 +411,15 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         t = g.spike_ratio * fg.big * (recur if recur < 1.0 else 1.0)
         t = t if t > t_abs else t_abs
         s = _ramp(ar / t, lo_w, hi_w)
-        if s > 0.0 and not (basis <= 0 and _known(g, fg, v, s_fast) is not None):
+        if s > 0.0 and not (basis <= 0 and _known(g, fg, v, s_fast)):
             out.append(Finding("spike", name, s, v, expected,
                                f"{r:+.4g} off expected, threshold {t:.4g}"))
-        # departures from the expected: a large distance, and twice the last one (neither the
-        # way back nor the lag after a step counts again); how large they are and how often
-        depart = ar > t_abs and ar > 2.0 * fg.last_r
-        fg.last_r = ar
+        # departures: large distances from the expected, twice the last distance from the fast
+        # mean (neither the way back nor the lag after a step counts again); how large they are
+        # and how often
+        af = abs(r_fast)
+        depart = ar > t_abs and af > 2.0 * fg.last_r
+        fg.last_r = af
         if depart:
             fg.big = ar if ar > fg.big else fg.big + 0.05 * (ar - fg.big)
             fg.brate += g.spike_decay * (1.0 - fg.brate)
@@ -449,7 +457,8 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         h = h if h > g.cusum_h else g.cusum_h
         s = _ramp(c / h, lo_w, hi_w)
         # back at a level it sat at before (a square wave, a machine switching modes): no news
-        known = s > 0.0 and not fg.basis and _known(g, fg, v, s_fast) is not None
+        known = s > 0.0 and not fg.basis and (_known(g, fg, v, s_fast)
+                                              or _known(g, fg, fast, s_fast))
         if s > 0.0 and not known:
             kind = "level_shift" if abs(fast - base) > 4.0 * c_scale else "drift"
             out.append(Finding(kind, name, s, v, base,
@@ -460,8 +469,10 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             # an incident learns that excursions this large happen
             fg.cpos = fg.cneg = fg.cpeak = 0.0
             if not fg.basis:
-                _remember(fg, slow, 3.0 * s_fast)
+                if n - fg.settled >= g.warmup:  # a level it sat at, not a step on the way
+                    _remember(fg, slow, 3.0 * s_fast)
                 fg.slow = slow = fast
+                fg.settled = n
             if learn and not known:
                 fg.cmax = max(fg.cmax, h)
         elif c == 0.0:

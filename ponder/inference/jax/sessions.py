@@ -1,0 +1,294 @@
+"""KV sessions: one per stream key, kept in a paged pool on device, spilled to host, then dropped.
+
+Layout. K and V live in two pool arrays [L, N+1, P, Hkv, D], allocated once: N pages of P tokens
+(P = `page_size`, 64 by default) plus page 0, a scratch page that padding reads and writes. A
+session is the list of token ids whose K/V are valid and the pages that hold them, in order.
+
+Why pages rather than one array per session or one max-length slot per session: the pool is one
+allocation whose size is the byte cap, a session costs its length rounded up to a page (not the
+longest context), and moving rows between the pool and a batch is one gather and one scatter
+whose shapes depend only on the batch's (B, S) bucket, so they compile once per bucket. The
+decoder itself runs on a contiguous [L, B, S, Hkv, D] batch cache gathered from the pages at the
+start of a round and scattered back at its end (one copy each way per engine call, not per step).
+
+Matching. A prompt reuses the longest common prefix of its tokens and the session's cached
+tokens (at most all but its last token, whose logits the caller needs); from the first token
+that differs on, it is recomputed.
+
+Eviction is LRU over keys. When pages run out, the least recently used session not in the
+current round is copied to host memory (numpy) and its pages freed; when host memory passes its
+cap, the least recently used host sessions are dropped. A host session is copied back to fresh
+pages when its key returns; a dropped one is recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+__all__ = ["SessionPool", "Session", "PoolFull", "TRACES", "counted_jit", "common_prefix"]
+
+# Process-wide count of traces (= compilations) of the engine's jitted functions, by name.
+TRACES: Counter[str] = Counter()
+
+
+def counted_jit(fn, name: str, **jit_kwargs):
+    """`jax.jit(fn)` that adds 1 to TRACES[name] each time it traces a new shape signature."""
+
+    def traced(*args, **kwargs):
+        TRACES[name] += 1
+        return fn(*args, **kwargs)
+
+    traced.__name__ = name
+    return jax.jit(traced, **jit_kwargs)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PoolFull(RuntimeError):
+    """Not enough free pages, even after spilling every session outside the current round."""
+
+
+@dataclass(eq=False)
+class Session:
+    key: str
+    tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid, position order
+    pages: list[int] = field(default_factory=list)  # device pages, when on device
+    host: tuple[np.ndarray, np.ndarray] | None = None  # K, V [L, n, P, Hkv, D], when on host
+
+    @property
+    def where(self) -> str:
+        return "host" if self.host is not None else "device"
+
+
+# --- jitted page moves (pool: [L, N+1, P, Hkv, D]; table/idx entries 0 are the scratch page) ---
+
+
+def _gather(pool, table):
+    # table: int32 [B, S/P] -> [L, B, S, Hkv, D]
+    L, _, P, H, D = pool.shape
+    B, n = table.shape
+    return pool[:, table].reshape(L, B, n * P, H, D)
+
+
+def _scatter(pool, table, cache):
+    # cache: [L, B, S, Hkv, D] -> pool with the table's pages overwritten
+    L, B, S, H, D = cache.shape
+    return pool.at[:, table].set(cache.reshape(L, B, S // pool.shape[2], pool.shape[2], H, D))
+
+
+def _read(pool, idx):
+    # idx: int32 [n] -> [L, n, P, Hkv, D]
+    return pool[:, idx]
+
+
+def _write(pool, idx, data):
+    return pool.at[:, idx].set(data)
+
+
+gather = counted_jit(_gather, "gather")
+scatter = counted_jit(_scatter, "scatter", donate_argnums=0)
+read_pages = counted_jit(_read, "read_pages")
+write_pages = counted_jit(_write, "write_pages", donate_argnums=0)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+class SessionPool:
+    """Paged K/V for many sessions under a device byte cap, spilling to host under a host cap.
+
+    A round of generation calls `acquire` for each of its sessions (which pins them), `gather`
+    to build the batch cache, then `scatter` and `release` for each.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype, *, device_bytes: int, host_bytes: int,
+                 page_size: int = 64) -> None:
+        self.cfg, self.dtype, self.page_size = cfg, jnp.dtype(dtype), page_size
+        self.device_bytes, self.host_bytes = device_bytes, host_bytes
+        L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.page_bytes = 2 * L * page_size * H * D * self.dtype.itemsize  # K and V
+        self.num_pages = device_bytes // self.page_bytes
+        if self.num_pages < 1:
+            msg = f"SessionPool: device_bytes={device_bytes} holds no page of {self.page_bytes} bytes"
+            raise ValueError(msg)
+        self._shape = (L, self.num_pages + 1, page_size, H, D)
+        self.k = self.v = None
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._pinned: set[str] = set()
+        self.host_used = 0
+        self.stats = Counter()  # hits, spilled, restored, dropped
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every session and zero the pool (also the way back from a failed scatter)."""
+        self.k = jnp.zeros(self._shape, self.dtype)
+        self.v = jnp.zeros(self._shape, self.dtype)
+        self._free = list(range(self.num_pages, 0, -1))  # pop() hands out low pages first
+        self._sessions.clear()
+        self._pinned.clear()
+        self.host_used = 0
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def where(self, key: str) -> str | None:
+        """'device', 'host', or None (no session: never seen, released empty, or dropped)."""
+        s = self._sessions.get(key)
+        return s.where if s else None
+
+    def tokens(self, key: str) -> list[int]:
+        s = self._sessions.get(key)
+        return list(s.tokens) if s else []
+
+    def keys(self) -> list[str]:
+        """Session keys, least recently used first."""
+        return list(self._sessions)
+
+    def usage(self) -> dict[str, int]:
+        on_device = sum(1 for s in self._sessions.values() if s.host is None)
+        return {"device_sessions": on_device, "host_sessions": len(self._sessions) - on_device,
+                "device_bytes": (self.num_pages - len(self._free)) * self.page_bytes,
+                "host_bytes": self.host_used}
+
+    # -- a round ------------------------------------------------------------------------------
+
+    def acquire(self, key: str, prompt: list[int], capacity: int) -> int:
+        """Pin `key`'s session for this round with room for `capacity` tokens, keeping the cached
+        prefix `prompt` shares (all but its last token at most). Returns that prefix's length.
+        Raises PoolFull, leaving the session unpinned, if the pages cannot be found."""
+        need = -(-capacity // self.page_size)
+        if need > self.num_pages:
+            msg = (f"session {key!r} needs {need} pages of {self.page_size} tokens for {capacity} "
+                   f"tokens, but the pool has {self.num_pages} (raise the session cap)")
+            raise PoolFull(msg)
+        s = self._sessions.get(key)
+        if s is None:
+            s = self._sessions[key] = Session(key)
+        self._sessions.move_to_end(key)
+        n = common_prefix(s.tokens, prompt[: max(len(prompt) - 1, 0)])
+        s.tokens = s.tokens[:n]
+        self.stats["hits"] += n > 0
+        self._pinned.add(key)
+        try:
+            if s.host is None:
+                if len(s.pages) > need:
+                    self._free.extend(reversed(s.pages[need:]))
+                    del s.pages[need:]
+                s.pages += self._allocate(need - len(s.pages))
+            else:
+                self._restore(s, need)
+        except PoolFull:
+            self._pinned.discard(key)  # what it holds stays valid for a later round
+            if not s.tokens and s.host is None:
+                self.drop(key)
+            raise
+        return n
+
+    def table(self, keys: list[str], B: int, S: int) -> np.ndarray:
+        """int32 [B, S/P]: row b lists the pages of keys[b], padded with the scratch page."""
+        t = np.zeros((B, S // self.page_size), np.int32)
+        for b, key in enumerate(keys):
+            pages = self._sessions[key].pages
+            t[b, : len(pages)] = pages
+        return t
+
+    def gather(self, table: np.ndarray):
+        """The batch caches K, V [L, B, S, Hkv, D] for a table."""
+        return gather(self.k, table), gather(self.v, table)
+
+    def scatter(self, table: np.ndarray, k, v) -> None:
+        """Write the batch caches back into the table's pages."""
+        try:
+            self.k = scatter(self.k, table, k)
+            self.v = scatter(self.v, table, v)
+        except Exception:
+            self.reset()  # the donated pool is gone
+            raise
+
+    def release(self, key: str, tokens: list[int]) -> None:
+        """Unpin `key`, recording the tokens whose K/V its pages now hold; trim unused pages."""
+        self._pinned.discard(key)
+        s = self._sessions.get(key)
+        if s is None:
+            return
+        s.tokens = list(tokens)
+        keep = -(-len(tokens) // self.page_size)
+        self._free.extend(reversed(s.pages[keep:]))
+        del s.pages[keep:]
+        if not tokens:
+            self.drop(key)
+
+    def drop(self, key: str) -> None:
+        """Forget a session, freeing its pages or host memory."""
+        s = self._sessions.pop(key, None)
+        self._pinned.discard(key)
+        if s is None:
+            return
+        self._free.extend(reversed(s.pages))
+        if s.host is not None:
+            self.host_used -= s.host[0].nbytes + s.host[1].nbytes
+
+    # -- spilling -----------------------------------------------------------------------------
+
+    def _allocate(self, n: int) -> list[int]:
+        while len(self._free) < n:
+            victim = next((s for k, s in self._sessions.items()
+                           if s.host is None and s.pages and k not in self._pinned), None)
+            if victim is None:
+                msg = (f"need {n} free pages, have {len(self._free)} of {self.num_pages}, and every "
+                       f"session on device is in use by this round")
+                raise PoolFull(msg)
+            self._spill(victim)
+        return [self._free.pop() for _ in range(n)]
+
+    def _spill(self, s: Session) -> None:
+        """Device -> host: copy the pages that hold valid tokens, free them all."""
+        used = -(-len(s.tokens) // self.page_size)
+        pages, s.pages = s.pages, []
+        self._free.extend(reversed(pages))
+        if used == 0:
+            self.drop(s.key)
+            return
+        idx = np.zeros(_pow2(used), np.int32)
+        idx[:used] = pages[:used]
+        s.host = (np.asarray(read_pages(self.k, idx))[:, :used],
+                  np.asarray(read_pages(self.v, idx))[:, :used])
+        self.host_used += s.host[0].nbytes + s.host[1].nbytes
+        self.stats["spilled"] += 1
+        while self.host_used > self.host_bytes:  # drop the least recently used host sessions
+            victim = next(x for x in self._sessions.values() if x.host is not None)
+            self.drop(victim.key)
+            self.stats["dropped"] += 1
+
+    def _restore(self, s: Session, need: int) -> None:
+        """Host -> device: fresh pages, the first of them filled from host memory."""
+        pages = self._allocate(need)  # may raise PoolFull: the session then stays on host
+        hk, hv = s.host
+        used = -(-len(s.tokens) // self.page_size)  # tokens were already cut to the match
+        self.host_used -= hk.nbytes + hv.nbytes
+        s.host, s.pages = None, pages
+        self.stats["restored"] += 1
+        if used == 0:
+            return
+        n = _pow2(used)
+        idx = np.zeros(n, np.int32)
+        idx[:used] = s.pages[:used]
+        pad = [(0, 0), (0, n - used)] + [(0, 0)] * 3
+        self.k = write_pages(self.k, idx, np.pad(hk[:, :used], pad))
+        self.v = write_pages(self.v, idx, np.pad(hv[:, :used], pad))
+
