@@ -585,6 +585,9 @@ def measure_restart(args: argparse.Namespace, brokers: str, run_dir: Path, tag: 
         f"{res['state_bytes_per_key_disk']} B/key on disk, {res['state_bytes_per_key_msgpack']} B/key "
         f"msgpack; changelog {res['changelog_records']:,} records; graceful stop {stop_s:.2f}s")
 
+    # (c) restarts from this copy of the filled state
+    shutil.copytree(state, base / "state-copy")
+
     # one new reading of an existing key, for the readiness probe
     enc = msgspec.json.Encoder()
     probe_key = records[0][0]
@@ -594,9 +597,10 @@ def measure_restart(args: argparse.Namespace, brokers: str, run_dir: Path, tag: 
 
     # Tansu numbers the first generation 0 and aiokafka sends no LeaveGroup at generation 0, so
     # the fill worker stays in the group until its session times out and (a) pays for a second
-    # join. (c) restarts from local RocksDB again, after (b)'s worker (generation > 0) left.
+    # join (when it starts within the session timeout). (c) restarts from a copy of the filled
+    # RocksDB state, after (b)'s worker (generation > 0) left the group.
     for label, state_dir in (("local_rocksdb", state), ("changelog", base / "state-empty"),
-                             ("local_rocksdb_after_clean_leave", base / "state-empty")):
+                             ("local_rocksdb_after_clean_leave", base / "state-copy")):
         state_dir.mkdir(parents=True, exist_ok=True)
         proc = Proc(ponder_cmd(brokers, names, state_dir, args.partitions), base / f"{label}.log",
                     env, PEERS_DIR)
@@ -677,16 +681,18 @@ def table(result: dict[str, Any]) -> str:
                     f"{r.get('startup_s', '–')} | {r.get('events_per_s_after_startup', 0):,.0f} | "
                     f"{r.get('outputs', 0):,} | {f'{ratio:.2f}×' if ratio else '–'} |")
     rs = result.get("restart")
-    if rs and rs.get("status") == "ok":
-        rows += ["", f"restart with {rs['keys']:,} keys ({rs['events_per_key']} events/key): "
-                     f"from local RocksDB ready in {rs['local_rocksdb']['ready_s']}s (assigned "
-                     f"{rs['local_rocksdb'].get('assigned_s')}s); from the changelog ready in "
-                     f"{rs['changelog']['ready_s']}s (assigned {rs['changelog'].get('assigned_s')}s, "
-                     f"{rs['changelog']['changelog_records_replayed']:,} records replayed); from local "
-                     f"RocksDB after a clean LeaveGroup ready in {rs['local_rocksdb_after_clean_leave']['ready_s']}s "
-                     f"(assigned {rs['local_rocksdb_after_clean_leave'].get('assigned_s')}s); state "
-                     f"{rs['state_bytes_per_key_disk']} B/key on disk, {rs['state_bytes_per_key_msgpack']} "
-                     f"B/key msgpack"]
+    if rs and "fill" in rs:
+        rows += ["", f"restart with {rs['keys']:,} keys ({rs['events_per_key']} events/key), "
+                     f"state {rs['state_bytes_per_key_disk']} B/key on disk, "
+                     f"{rs['state_bytes_per_key_msgpack']} B/key msgpack:", "",
+                 "| restart | ready s (probe committed) | assigned s | changelog records replayed | keys in store after | status |",
+                 "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for label in ("local_rocksdb", "changelog", "local_rocksdb_after_clean_leave"):
+            r = rs.get(label)
+            if r:
+                rows.append(f"| {label} | {r.get('ready_s', '–')} | {r.get('assigned_s', '–')} | "
+                            f"{r.get('changelog_records_replayed', 0):,} | {r.get('keys_in_store_after', 0):,} | "
+                            f"{r.get('status')}{': ' + r['error'][:120] if r.get('error') else ''} |")
     elif rs:
         rows += ["", f"restart: {rs.get('status')}: {str(rs.get('error', ''))[:300]}"]
     return "\n".join(rows)
@@ -820,6 +826,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["peers"] = {}
                 if args.merge and previous.get("peers"):
                     # add to (or replace in) the previous run's peers; each keeps its own run_at
+                    for r in previous["peers"].values():
+                        r.setdefault("run_at", previous.get("timestamp"))
+                        r.setdefault("ponder_commit", previous.get("ponder_code", {}).get("commit"))
                     result["peers"].update(previous["peers"])
                     for k in ("ponder_profiled_run", "restart"):
                         if k in previous:

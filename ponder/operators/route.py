@@ -16,7 +16,7 @@ each tier's token budget and circuit breaker. Clocks are injected so tests contr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["TierSpec", "Router", "TIER_ORDER"]

@@ -46,7 +46,7 @@ def _layer_keys(cfg: ModelConfig) -> list[str]:
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    E, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    E, F = cfg.hidden_size, cfg.intermediate_size
     Q, KV = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     layer = {
         "attn_norm": (E,), "wq": (E, Q), "wk": (E, KV), "wv": (E, KV), "wo": (Q, E),
