@@ -298,5 +298,52 @@ def subscribe(
     err.print(f"{n} records")
 
 
+@app.command("serve-model")
+def serve_model(
+    path: Path = typer.Argument(..., help="checkpoint directory (config.json, safetensors, tokenizer)"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0: every interface)"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    max_batch: int = typer.Option(8, help="most requests decoded together"),
+    max_wait_ms: float = typer.Option(5.0, help="how long to collect a batch"),
+    session_cap_mb: int = typer.Option(256, help="device memory for KV sessions (MiB)"),
+    host_cap_mb: int = typer.Option(1024, help="host memory for spilled KV sessions (MiB)"),
+    max_seq_len: Optional[int] = typer.Option(None, help="context length [default: the model's]"),
+    name: Optional[str] = typer.Option(None, help="model id to report [default: the directory name]"),
+    warmup: bool = typer.Option(False, "--warmup/--no-warmup", help="compile the usual shapes first"),
+) -> None:
+    """Serve a checkpoint with the JAX engine behind an OpenAI-compatible API."""
+    if not (path / "config.json").exists():
+        err.print(f"[red]error:[/red] {str(path)!r} is not a checkpoint directory (no config.json)")
+        raise typer.Exit(2)
+    if dtype not in ("float32", "bfloat16"):
+        err.print(f"[red]error:[/red] --dtype must be float32 or bfloat16, not {dtype!r}")
+        raise typer.Exit(2)
+    from ponder.inference.jax.server import serve
+
+    err.print(f"serving {name or path.name} on http://{host}:{port}/v1 (Ctrl-C stops it)")
+    serve(str(path), host=host, port=port, max_wait_ms=max_wait_ms, dtype=dtype, max_batch=max_batch,
+          session_cap_bytes=session_cap_mb << 20, host_cap_bytes=host_cap_mb << 20,
+          max_seq_len=max_seq_len, model_name=name, warmup=warmup)
+
+
+@app.command("init-model")
+def init_model(
+    out_dir: Path = typer.Argument(..., help="directory to write the checkpoint to"),
+    preset: str = typer.Option("tiny", help="tiny | small | qwen2.5-0.5b-shape"),
+    seed: int = typer.Option(0, help="weights and tokenizer seed"),
+    dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 [default: by preset]"),
+) -> None:
+    """Write a randomly initialised checkpoint of a preset, with a freshly trained tokenizer."""
+    from ponder.inference.jax.checkpoint import init_model as do_init
+
+    try:
+        cfg = do_init(out_dir, preset, seed, dtype)
+    except (ValueError, KeyError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    err.print(f"wrote {preset} ({cfg.num_params / 1e6:.1f}M params, seed {seed}) to {out_dir}")
+
+
 if __name__ == "__main__":
     app()

@@ -129,13 +129,15 @@ def test_gap() -> None:
 
 
 def test_rule() -> None:
-    g = GatePolicy(rules=(Rule("too hot", lambda e: e.payload.get("v", 0) > 100, field="v"),
-                          Rule("scored", lambda e: 0.3 if e.payload.get("v", 0) < 0 else 0.0)))
-    vals = [50.0] * 10 + [150.0] + [50.0] * 30 + [-1.0]
+    g = GatePolicy(rules=(Rule("too hot", lambda e: e.payload["v"] > 12.5, field="v"),
+                          Rule("a bit cold", lambda e: 0.3 if e.payload["v"] < 7.5 else 0.0)))
+    vals = [10.0 + max(-2.0, min(2.0, x - 10.0)) for x in noise(300)]
+    vals[150], vals[200] = 12.6, 7.4  # within the noise, but past what the rules allow
     out = run(vals, g=g)
-    assert out[10].escalate and out[10].findings[0].kind == "rule"
-    assert out[10].findings[0].detail == "too hot"
-    assert not out[-1].escalate and out[-1].score == pytest.approx(0.3)
+    assert escalations(out) == [(150, "rule")]
+    assert out[150].findings[0].detail == "too hot" and out[150].findings[0].field == "v"
+    assert not out[200].escalate and out[200].score == pytest.approx(0.3)
+    assert [(f.kind, f.score) for f in out[200].findings if f.kind == "rule"] == [("rule", 0.3)]
 
 
 def test_counters_and_clocks_are_not_scored() -> None:
@@ -151,23 +153,28 @@ def test_silent_on_long_stationary_noise() -> None:
     assert escalations(run(noise(100_000, seed=11))) == []
 
 
-def test_silent_on_heavy_tailed_noise_after_learning() -> None:
+def test_heavy_tailed_noise_is_learnt() -> None:
+    """1% of the readings 8 times as noisy: outliers that recur are routine, so only the more
+    extreme of them escalate (a fixed 4-sd threshold would fire on about 120)."""
     rng = random.Random(12)
     vals = [10.0 + rng.gauss(0, 1) * (8.0 if rng.random() < 0.01 else 1.0) for _ in range(20_000)]
-    assert len(escalations(run(vals))) <= 5
+    assert len(escalations(run(vals))) <= 20
+
+
+@pytest.mark.parametrize("period", [24, 100, 288, 500])
+def test_silent_on_a_clean_square_wave(period: int) -> None:
+    """Every 5 minutes; 500 does not divide a day, so the daily profile must not be trusted."""
+    vals = [20.0 if (i // (period // 2)) % 2 == 0 else 80.0 for i in range(20 * period)]
+    # the first rise is news (once warm); after both levels were seen a return is not
+    first = period // 2
+    assert escalations(run(vals, dt=300.0)) == ([(first, "spike")] if first >= 30 else [])
 
 
 @pytest.mark.parametrize("period", [24, 100, 288])
-def test_silent_on_a_clean_square_wave(period: int) -> None:
-    vals = [20.0 if (i // (period // 2)) % 2 == 0 else 80.0 for i in range(20 * period)]
-    # the first rise is news; once the field has been at both levels, a return is not
-    assert escalations(run(vals, dt=300.0)) == [(period // 2, "spike")]
-
-
-@pytest.mark.parametrize("period", [24, 100])
 def test_silent_on_a_sine(period: int) -> None:
-    vals = [50.0 + 10.0 * math.sin(2 * math.pi * i / period) for i in range(20 * period)]
-    assert escalations(run(vals, dt=300.0)) == []
+    vals = [50.0 + 10.0 * math.sin(2 * math.pi * i / period) for i in range(40 * period)]
+    # the first swing may look like a drift; after two periods it is known
+    assert [e for e in escalations(run(vals, dt=300.0)) if e[0] >= 2 * period] == []
 
 
 def test_daily_cycle_is_learnt_and_a_missing_peak_caught() -> None:
@@ -220,10 +227,18 @@ def test_cooldown_setting() -> None:
 
 
 def test_incident_closes_and_a_new_one_escalates() -> None:
-    vals = noise(600)
+    vals = noise(1000)
     vals[200] += 12.0
-    vals[400] -= 12.0
-    assert escalations(run(vals)) == [(200, "spike"), (400, "spike")]
+    vals[800] -= 12.0
+    assert escalations(run(vals)) == [(200, "spike"), (800, "spike")]
+
+
+def test_a_recurring_outlier_is_news_once() -> None:
+    """Outliers as large as one seen a little earlier are routine for a while."""
+    vals = noise(1000)
+    for i in (200, 300, 400):
+        vals[i] += 12.0
+    assert escalations(run(vals)) == [(200, "spike")]
 
 
 def test_a_new_field_in_an_open_incident_escalates() -> None:

@@ -704,6 +704,8 @@ def add_notes(result: dict[str, Any]) -> None:
         logic = r.get("logic")
         what = ("the full iot_monitor pipeline" if name == "ponder" else
                 "no logic (raw bytes re-sent)" if logic == "none" else LOGIC_NOTES.get(logic, logic))
+        if name.startswith("bytewax") and logic in LOGIC_NOTES:
+            what = what.split("; state =")[0] + "; state = KeyState objects in stateful_map (no per-event encode)"
         parts = [f"runs {what}", result["peer_setup"].get(name, "")]
         if r.get("notes_size"):
             parts.append(r["notes_size"])

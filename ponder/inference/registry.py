@@ -21,6 +21,7 @@ def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Seq
     """Build the engine a spec names.
 
     * `reflex`: the rule engine;
+    * `jax:PATH`: the checkpoint directory PATH run in process (JaxEngine, chat layout);
     * `http://…` / `https://…`: any OpenAI-compatible server (vLLM, llama.cpp, `ponder
       serve-model`); the API key, if any, comes from $PONDER_API_KEY;
     * an Engine instance is used as is.
@@ -32,6 +33,14 @@ def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Seq
         return spec
     if spec == "reflex":
         return ReflexEngine(rules, default_action=default_action)
+    if spec.startswith("jax:"):
+        from ponder.inference.jax.engine import JaxEngine
+
+        path = spec[len("jax:") :]
+        if not path:
+            raise ValueError("engine spec 'jax:' needs a checkpoint directory: jax:PATH")
+        return JaxEngine(path, max_batch=tier.max_batch if tier else 8,
+                         model_name=(tier.model if tier else "") or None)
     if spec.startswith(("http://", "https://")):
         from ponder.inference.openai import OpenAIEngine
 
@@ -42,6 +51,6 @@ def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Seq
         return OpenAIEngine(spec, (tier.model if tier else "") or "default",
                             max_concurrency=max_batch * concurrency, timeout_s=timeout_s,
                             retries=_RETRIES, api_key=os.environ.get("PONDER_API_KEY"))
-    msg = (f"unknown engine spec {spec!r}: expected 'reflex', an http(s):// URL of an "
+    msg = (f"unknown engine spec {spec!r}: expected 'reflex', 'jax:PATH', an http(s):// URL of an "
            "OpenAI-compatible server, or an Engine instance")
     raise ValueError(msg)

@@ -8,17 +8,20 @@ serves a calm sensor, a spiky load balancer and a daily cycle alike. Per numeric
   stop recurring). The expectation is a fast EWMA and, where a seasonal profile predicts the
   field well, the profile as well: a point counts only when odd against both, so the daily ramp
   at its usual hour is no spike.
-* rate: large jumps arriving faster than they have lately (a CUSUM of them): a burst of spikes
-  where single spikes are routine.
+* rate: departures (jumps to a large distance) arriving faster than they have lately, a CUSUM
+  of them: a burst of spikes where single spikes are routine.
 * level_shift / drift: a two-sided CUSUM of the deviation from the slow level (or from the
   trusted seasonal profile), against the largest excursion seen lately. After it fires the slow
   level restarts at the recent one, so one step is one incident; a return to a level the field
   sat at before (a square wave, a machine switching modes) is no news.
 * seasonal profiles: per configured period (a day and a week by default) the expected value and
   spread per phase bin. A profile starts once the field has lasted a quarter period (short-lived
-  streams never pay for it), and is trusted once it has predicted from earlier periods clearly
-  better than the plain level; a phase counts once it was seen in two earlier periods.
-* stuck: the value repeats exactly for many events while the field normally changes.
+  streams never pay for it). It is trusted once its predictions from earlier periods are
+  clearly better than the plain level (robust error under `season_gain` of the level's spread)
+  and on average no worse than twice the fast mean's (a cycle that drifts against the period
+  fails this); a phase counts once it was seen in two earlier periods.
+* stuck: the value repeats exactly, longer than its runs of repeats lately and at least
+  `stuck[0]` times, while the field normally changes. While stuck, its other signals pause.
 * dropout: a numeric field that is normally present is null (or NaN).
 Per categorical field: a value never seen before, after warm-up, in a field whose values are not
 new all the time. Per key: a gap in event time. Plus user rules over the event. A numeric field
@@ -27,8 +30,8 @@ that only increased during warm-up (a clock, a counter) is not scored.
 Hysteresis: the first event whose score reaches `open` opens an incident and escalates. While
 the incident is open the gate escalates again only for a clearly higher score, for a field (or a
 non-deviation kind) not yet in the incident, or after a cool-down that doubles with each repeat;
-`quiet` events under `close` end the incident. Thresholds do not learn from events inside an
-open incident. The state is bounded whatever the stream length (see `FieldGate`).
+`quiet` events under `close` end the incident. The level-shift bar does not learn from events
+inside an open incident. The state is bounded whatever the stream length (see `FieldGate`).
 
 >>> from ponder.types import Event, SourcePos
 >>> g, st = GatePolicy(), new_state()
@@ -89,7 +92,8 @@ class GatePolicy:
     decay: float = 0.002  # how fast the CUSUM bars and remembered levels are forgotten
     spike_z: float = 7.0  # least |value - expected| / noise scale that is a spike
     spike_ratio: float = 1.3  # ... and its least ratio to the large distances that recur
-    spike_decay: float = 0.004  # rate of the EWMA of how often large distances occur
+    spike_decay: float = 0.006  # rate of the EWMA of how often large distances occur
+    spike_recur: float = 4.0  # ... they recur (count fully) at spike_decay / spike_recur or more
     cusum_k: float = 1.1  # CUSUM slack, in scale units
     cusum_clip: float = 5.0  # most one event adds to the CUSUM
     cusum_h: float = 25.0  # least CUSUM that is a level shift or drift
@@ -165,8 +169,8 @@ class Season(msgspec.Struct, array_like=True):
 
 
 class FieldGate(msgspec.Struct, array_like=True):
-    """What the gate keeps per numeric field: 30 numbers, at most `MAX_REGIMES` remembered
-    levels and, per configured season, at most 5 numbers per bin."""
+    """What the gate keeps per numeric field: 28 numbers, at most `MAX_REGIMES` remembered
+    levels and, per configured season, 5 numbers per bin seen (at most `bins`)."""
 
     n: int = 0
     t0: float = 0.0  # event time of the first value
@@ -381,11 +385,14 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         basis, e_season, s_season = _season(g, fg, ts, v, dt, max(floor, 0.1 * s_slow))
     else:
         basis, e_season, s_season = 0, 0.0, 0.0
-    # a remembered level the field is at again is refreshed (and refined)
+    # a remembered level the field is at again is refreshed, and refined while the field holds
+    # still (so a slow drift does not drag it along)
     reg = fg.regimes
+    still = fg.cpos == 0.0 and fg.cneg == 0.0
     for k in range(0, len(reg), 2):
         if abs(fast - reg[k]) <= 3.0 * s_fast:
-            reg[k] += 0.05 * (fast - reg[k])
+            if still:
+                reg[k] += 0.05 * (fast - reg[k])
             reg[k + 1] = float(n)
     zc: float | None
     if basis > 0:
@@ -407,7 +414,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
     if scored:
         # spike
         t_abs = g.spike_z * scale
-        recur = fg.brate / g.spike_decay
+        recur = g.spike_recur * fg.brate / g.spike_decay
         t = g.spike_ratio * fg.big * (recur if recur < 1.0 else 1.0)
         t = t if t > t_abs else t_abs
         s = _ramp(ar / t, lo_w, hi_w)
@@ -421,7 +428,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         depart = ar > t_abs and af > 2.0 * fg.last_r
         fg.last_r = af
         if depart:
-            fg.big = ar if ar > fg.big else fg.big + 0.05 * (ar - fg.big)
+            fg.big = ar if ar > fg.big else fg.big + 0.01 * (ar - fg.big)
             fg.brate += g.spike_decay * (1.0 - fg.brate)
         else:
             fg.brate -= g.spike_decay * fg.brate

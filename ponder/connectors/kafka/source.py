@@ -12,6 +12,9 @@ import logging
 from typing import AsyncIterator, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.protocol.group import LeaveGroupRequest
+
+UNKNOWN_MEMBER_ID = ""
 
 from ponder.connectors.base import Record
 from ponder.types import SourcePos
@@ -88,7 +91,8 @@ class KafkaSource:
         self._stopped = True
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await consumer.stop()  # leaves the group: revoke runs through the listener first
+            await _leave_first_generation(consumer)
+            await consumer.stop()
 
     async def batches(self) -> AsyncIterator[list[Record]]:
         """Yield record batches; an empty batch when idle, so the runtime can checkpoint."""
@@ -127,3 +131,23 @@ class KafkaSource:
         if self._consumer is not None and self._paused:
             self._consumer.resume(*self._consumer.assignment())
             self._paused = False
+
+
+async def _leave_first_generation(consumer: AIOKafkaConsumer) -> None:
+    """Leave the group explicitly when its generation is 0.
+
+    aiokafka sends LeaveGroup only for generations above 0, and Tansu numbers a group's first
+    generation 0: without this, a worker stopped in that generation stays a member until its
+    session times out, and the partitions it held wait that long for a new owner.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "generation", None) != 0:
+        return
+    member = getattr(coordinator, "member_id", "")
+    if not member or member == UNKNOWN_MEMBER_ID:
+        return
+    try:
+        await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, member))  # noqa: SLF001
+        logger.info("left group %r (generation 0)", coordinator.group_id)
+    except Exception as e:  # noqa: BLE001 - best effort, as aiokafka's own leave is
+        logger.warning("LeaveGroup for generation 0 failed: %s", e)

@@ -41,7 +41,8 @@ CLOSE_RESERVE = 16  # constrained rows try to close their JSON once this few tok
 class GenRequest:
     """One prompt to continue. `session` None: no session (nothing kept afterwards).
     temperature 0 is greedy; `seed` None draws one. `constraint` is a constrain.Constraint.
-    `on_token(id)` is called (from the generating thread) for each token as it is chosen."""
+    `on_token(id)` is called (from the generating thread) for each token as it is chosen; a
+    truthy return ends the row there (finish_reason "stop"), e.g. on a stop string."""
 
     session: str | None
     prompt: list[int]
@@ -99,7 +100,7 @@ def _prefill_chunk(params, cfg: ModelConfig, tokens, start, n_new, logits, k, v)
     return logits, k, v
 
 
-def _decode_step(params, cfg: ModelConfig, tok, pos, k, v, seeds, temperature, top_p, mask=None,
+def _decode_step(params, cfg: ModelConfig, tok, pos, k, v, seeds, temperature, top_p, mask,
                  *, n_vocab: int, greedy_only: bool):
     # tok, pos: [B] (each row's last token and its position) -> the next token, its logprob, pos+1
     x, k, v = decoder(params, cfg, tok[:, None], pos, k, v)  # x: [B, 1, E]
@@ -303,7 +304,7 @@ class Generator:
                 tokens[b, : n_new[b]] = t[:T]
                 todo[b] = t[T:]
             logits, k, v = prefill_chunk(self.params, self.cfg, tokens, pos, n_new, logits, k, v)
-            pos += n_new
+            pos = pos + n_new  # not +=: on CPU the running step may still read the old array
 
         # Step 4: sample, feed the token back, repeat.
         seeds = np.zeros(B, np.uint32)
@@ -321,7 +322,7 @@ class Generator:
             ahead = None
             if not any(r.state is not None and r.finish is None for r in rows):
                 # no constrained row waits on this token: queue the next step before reading it
-                ahead = decode_step(*step, tok, pos, k, v, seeds, temps, top_ps, **kw)
+                ahead = decode_step(*step, tok, pos, k, v, seeds, temps, top_ps, None, **kw)
             for row, t, lp in zip(rows, np.asarray(tok).tolist(), np.asarray(logprob).tolist()):
                 if row.finish is None:
                     self._accept(row, t, lp)
@@ -344,24 +345,22 @@ class Generator:
         row.out.append(t)
         row.logprobs.append(logprob)
         row.sampled += 1
-        if req.on_token:
-            req.on_token(t)
+        stop = bool(req.on_token(t)) if req.on_token else False  # the caller saw a stop string
         left = req.max_tokens - len(row.out)
-        if c is not None:
+        if c is not None and not stop:
             c.advance(row.state, t)
-            if c.is_done(row.state):
-                row.finish = "stop"
-                return
-            if 0 < left <= CLOSE_RESERVE and (close := c.close(row.state, left)) is not None:
-                for t2 in close:  # finish the JSON without the model, within budget
+            stop = c.is_done(row.state)
+            if not stop and 0 < left <= CLOSE_RESERVE and (close := c.close(row.state, left)) is not None:
+                for t2 in close:  # finish the JSON without the model, within the budget
                     c.advance(row.state, t2)
                     row.out.append(t2)
                     row.logprobs.append(0.0)
                     if req.on_token:
                         req.on_token(t2)
-                row.finish = "stop"
-                return
-        if left <= 0:
+                stop = True
+        if stop:
+            row.finish = "stop"
+        elif left <= 0:
             row.finish = "length"
 
     def _mask(self, rows: list[_Row], B: int) -> np.ndarray | None:

@@ -271,7 +271,10 @@ class SessionPool:
         self.host_used += s.host[0].nbytes + s.host[1].nbytes
         self.stats["spilled"] += 1
         while self.host_used > self.host_bytes:  # drop the least recently used host sessions
-            victim = next(x for x in self._sessions.values() if x.host is not None)
+            victim = next((x for k, x in self._sessions.items()
+                           if x.host is not None and k not in self._pinned), None)
+            if victim is None:  # only a session being restored is left: it frees its bytes soon
+                break
             self.drop(victim.key)
             self.stats["dropped"] += 1
 

@@ -1,0 +1,441 @@
+"""`ponder serve-model`: a JaxEngine behind an OpenAI-compatible HTTP API (Starlette + uvicorn).
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
+`stream: true` as server-sent events in OpenAI's chunk format, ending `data: [DONE]`),
+GET /metrics (Prometheus text), GET /health.
+
+Beyond OpenAI's fields: `session` (else `user`, else `prompt_cache_key`) names the KV session, so
+a client that sends its stream key there gets its prefix from cache; `usage` reports it as
+`prompt_tokens_details.cached_tokens`. `response_format` (`json_schema`, or `json_object`)
+constrains the output. `n` must be 1; `stop` strings end the output (the stop string is not
+included); `logprobs`, `tools` and penalties are not supported.
+
+Requests from concurrent clients are collected for up to `max_wait_ms` (or until `max_batch`)
+and run as one batch on the engine's worker thread; streamed tokens flow back as they are
+chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .engine import JaxEngine
+from .generate import GenRequest, GenResult
+
+__all__ = ["create_app", "serve", "ModelServer"]
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+class _Batcher:
+    """Collects requests for up to `max_wait_s` (or `max_batch` of them) and runs them together."""
+
+    def __init__(self, engine: JaxEngine, max_batch: int, max_wait_s: float):
+        self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
+        self.queue: asyncio.Queue[tuple[GenRequest, asyncio.Future]] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        self.on_batch = None  # callback(list[GenResult], seconds) for metrics
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._loop(), name="ponder-batcher")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+            self.task = None
+
+    async def submit(self, req: GenRequest) -> GenResult:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((req, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            t0 = time.perf_counter()
+            try:
+                results = await self.engine.run(self.engine.generator.generate, [r for r, _ in batch])
+            except Exception as e:  # noqa: BLE001 - every waiter must hear about it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            if self.on_batch:
+                self.on_batch(results, time.perf_counter() - t0)
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+
+class _Metrics:
+    def __init__(self, engine: JaxEngine):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("ponder_model_requests", "HTTP generation requests", ["endpoint", "status"], registry=r)
+        self.prompt = Counter("ponder_model_prompt_tokens", "prompt tokens", registry=r)
+        self.cached = Counter("ponder_model_cached_prompt_tokens", "prompt tokens served from a session", registry=r)
+        self.completion = Counter("ponder_model_completion_tokens", "generated tokens", registry=r)
+        self.batch = Histogram("ponder_model_batch_size", "requests per batch", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_s = Histogram("ponder_model_batch_seconds", "time to run one batch", registry=r)
+        r.register(_PoolCollector(engine))
+
+    def on_batch(self, results: list[GenResult], seconds: float) -> None:
+        self.batch.observe(len(results))
+        self.batch_s.observe(seconds)
+        for res in results:
+            self.prompt.inc(res.prompt_tokens)
+            self.cached.inc(res.cached_tokens)
+            self.completion.inc(len(res.tokens))
+
+
+class _PoolCollector:
+    def __init__(self, engine: JaxEngine):
+        self.engine = engine
+
+    def collect(self):
+        gen = self.engine.generator
+        if gen is None:
+            return
+        yield GaugeMetricFamily("ponder_model_compiles", "traces of the jitted functions", value=gen.compiles)
+        usage, stats = gen.pool.usage(), gen.pool.stats
+        sessions = GaugeMetricFamily("ponder_model_sessions", "KV sessions", labels=["where"])
+        sessions.add_metric(["device"], usage["device_sessions"])
+        sessions.add_metric(["host"], usage["host_sessions"])
+        yield sessions
+        used = GaugeMetricFamily("ponder_model_session_bytes", "bytes held by KV sessions", labels=["where"])
+        used.add_metric(["device"], usage["device_bytes"])
+        used.add_metric(["host"], usage["host_bytes"])
+        yield used
+        moves = GaugeMetricFamily("ponder_model_session_moves", "sessions spilled, restored, dropped",
+                                  labels=["kind"])
+        for kind in ("spilled", "restored", "dropped"):
+            moves.add_metric([kind], stats[kind])
+        yield moves
+
+
+# --- request parsing ------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, default, kind=float, lo=None, hi=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise BadRequest(f"{name}={value} is out of range [{lo}, {hi}]", name)
+    return kind(value)
+
+
+def _schema(body: dict) -> dict | None:
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema" and isinstance(rf.get("json_schema"), dict) \
+            and isinstance(rf["json_schema"].get("schema"), dict):
+        return rf["json_schema"]["schema"]
+    raise BadRequest("response_format must be {type: text | json_object | json_schema, "
+                     "json_schema: {name, schema}}", "response_format")
+
+
+class _Call:
+    """One parsed generation request."""
+
+    def __init__(self, engine: JaxEngine, body: Any, chat: bool):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        gen = engine.generator
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("content", ""), str) for m in messages):
+                raise BadRequest("messages must be a non-empty list of {role, content: string}", "messages")
+            prompt = engine.encode_chat(messages)
+        else:
+            p = body.get("prompt")
+            if isinstance(p, list) and len(p) == 1:
+                p = p[0]
+            if isinstance(p, list) and p and all(isinstance(t, int) for t in p):
+                prompt = list(p)
+            elif isinstance(p, str):
+                prompt = engine.encode_text(p)
+            else:
+                raise BadRequest("prompt must be a string, a list of one string, or token ids", "prompt")
+        if _number(body, "n", 1, int) != 1:
+            raise BadRequest("only n=1 is supported", "n")
+        left = gen.max_seq_len - len(prompt)
+        if left < 1:
+            raise BadRequest(f"the prompt has {len(prompt)} tokens; this model's context is "
+                             f"{gen.max_seq_len}", "messages" if chat else "prompt", "context_length_exceeded")
+        default = left if chat else 16
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default, int, 1)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
+        session = body.get("session") or body.get("user") or body.get("prompt_cache_key")
+        schema = _schema(body)
+        try:
+            constraint = engine.constraint(schema) if schema is not None else None
+        except ValueError as e:
+            raise BadRequest(str(e), "response_format") from e
+        self.chat, self.stream, self.stop = chat, bool(body.get("stream")), stop
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.req = GenRequest(
+            session=str(session) if session is not None else None, prompt=prompt,
+            max_tokens=min(max_tokens, left),
+            temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
+            seed=_number(body, "seed", None, int), constraint=constraint)
+
+
+def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string, and whether one was found."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+def _usage(res: GenResult) -> dict[str, Any]:
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.tokens),
+            "total_tokens": res.prompt_tokens + len(res.tokens),
+            "prompt_tokens_details": {"cached_tokens": res.cached_tokens}}
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
+    """The ASGI app. Its lifespan starts the engine (loading the model) and the batcher."""
+    metrics = _Metrics(engine)
+    batcher = _Batcher(engine, engine.max_batch, max_wait_ms / 1000)
+    batcher.on_batch = metrics.on_batch
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await engine.start()
+        batcher.start()
+        yield
+        await batcher.stop()
+        await engine.stop()
+
+    async def models(request: HttpRequest):
+        return JSONResponse({"object": "list", "data": [
+            {"id": engine.model, "object": "model", "created": created, "owned_by": "ponder",
+             "max_model_len": engine.generator.max_seq_len}]})
+
+    async def health(request: HttpRequest):
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(request: HttpRequest):
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def generate(request: HttpRequest, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        try:
+            call = _Call(engine, await request.json(), chat)
+        except json.JSONDecodeError:
+            metrics.requests.labels(endpoint, "400").inc()
+            return _error(400, "the request body is not valid JSON")
+        except BadRequest as e:
+            metrics.requests.labels(endpoint, "400").inc()
+            return _error(400, str(e), param=e.param, code=e.code)
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": engine.model}
+        if call.stream:
+            metrics.requests.labels(endpoint, "200").inc()
+            return StreamingResponse(_stream(call, head), media_type="text/event-stream")
+        if call.stop:
+            call.req.on_token = _stopper(engine, call.stop)
+        res = await batcher.submit(call.req)
+        if res.error:
+            metrics.requests.labels(endpoint, "500").inc()
+            return _error(500, res.error, "server_error")
+        metrics.requests.labels(endpoint, "200").inc()
+        text, stopped = _cut(engine.decode(res.tokens), call.stop)
+        finish = "stop" if stopped else res.finish_reason
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": None} if chat else
+                  {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(res)})
+
+    async def _stream(call: _Call, head: dict):
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        stopper = _stopper(engine, call.stop) if call.stop else None
+
+        def on_token(t: int) -> bool:  # on the engine's thread
+            loop.call_soon_threadsafe(tokens.put_nowait, t)
+            return stopper(t) if stopper else False
+
+        call.req.on_token = on_token
+        task = asyncio.ensure_future(batcher.submit(call.req))
+        task.add_done_callback(lambda _: tokens.put_nowait(None))
+        head = {**head, "object": "chat.completion.chunk" if call.chat else "text_completion"}
+
+        def chunk(delta: str | None, finish: str | None = None) -> str:
+            if call.chat:
+                d = {} if delta is None else {"content": delta}
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+        if call.chat:
+            first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None, "logprobs": None}]}
+            yield f"data: {json.dumps(first)}\n\n"
+        ids: list[int] = []
+        sent, hold = "", max((len(s) for s in call.stop), default=1) - 1
+        while (t := await tokens.get()) is not None:
+            ids.append(t)
+            text, stopped = _cut(engine.decode(ids), call.stop)
+            if not stopped:  # hold back what could still become a stop string or a UTF-8 char
+                text = text[: len(text) - hold] if hold else text
+                text = text.rstrip("\ufffd")
+            if len(text) > len(sent) and text.startswith(sent):
+                yield chunk(text[len(sent) :])
+                sent = text
+        try:
+            res = task.result()
+        except Exception as e:  # noqa: BLE001
+            res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
+        if res.error:
+            yield f"data: {json.dumps({'error': {'message': res.error, 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        text, stopped = _cut(engine.decode(res.tokens), call.stop)
+        if len(text) > len(sent) and text.startswith(sent):
+            yield chunk(text[len(sent) :])
+        yield chunk(None, "stop" if stopped else res.finish_reason)
+        if call.include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(res)})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def chat(request: HttpRequest):
+        return await generate(request, True)
+
+    async def completions(request: HttpRequest):
+        return await generate(request, False)
+
+    routes = [Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]), Route("/metrics", prometheus),
+              Route("/health", health)]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _stopper(engine: JaxEngine, stop: list[str]):
+    """on_token callback (engine thread) that ends the row once a stop string appears."""
+    ids: list[int] = []
+
+    def on_token(t: int) -> bool:
+        ids.append(t)
+        return _cut(engine.decode(ids), stop)[1]
+
+    return on_token
+
+
+# --- running it ---------------------------------------------------------------------------------
+
+
+class ModelServer:
+    """uvicorn serving `create_app(engine)` on a background thread (tests, embedding).
+
+        with ModelServer(JaxEngine(path)) as srv:
+            OpenAI(base_url=srv.url, api_key="-")
+    """
+
+    def __init__(self, engine: JaxEngine, host: str = "127.0.0.1", port: int = 0, *,
+                 max_wait_ms: float = 5.0) -> None:
+        self.engine, self.host, self.port, self.max_wait_ms = engine, host, port, max_wait_ms
+        self._server = self._thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout_s: float = 120.0) -> ModelServer:
+        import uvicorn
+
+        assert self._thread is None, "Did you call `start` twice?"
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(create_app(self.engine, max_wait_ms=self.max_wait_ms),
+                                log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="ponder-serve-model", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                msg = f"serve-model did not start within {timeout_s}s on {self.host}:{self.port}"
+                raise RuntimeError(msg)
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(30)
+            self._thread = None
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(path: str, *, host: str = "127.0.0.1", port: int = 8000, max_wait_ms: float = 5.0,
+          **engine_kw: Any) -> None:
+    """Serve the checkpoint at `path` until interrupted (blocking)."""
+    import uvicorn
+
+    engine = JaxEngine(path, **engine_kw)
+    uvicorn.run(create_app(engine, max_wait_ms=max_wait_ms), host=host, port=port, log_level="warning")

@@ -1,0 +1,217 @@
+"""The JAX generator on the `tiny` preset: sessions (cached-token counts, incremental == full
+prefill, divergence, LRU device -> host -> dropped), batching, the compile counter, sampling and
+constrained decoding.
+
+Every Generator here uses the same small buckets, so the jitted functions (shared by the whole
+process) compile once for the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import jsonschema
+import numpy as np
+import pytest
+
+from ponder.inference.jax import checkpoint, model
+from ponder.inference.jax.generate import GenRequest, Generator, bucket, length_buckets
+from ponder.inference.jax.sampling import apply_masks, sample, top_p_filter
+from ponder.inference.jax.sessions import SessionPool
+from ponder.inference.jax.tokenizer import Tokenizer
+from ponder.types import answer_schema
+
+BUCKETS = dict(max_batch=4, batch_buckets=(1, 4), seq_buckets=(128, 256), chunk_buckets=(16, 64))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    checkpoint.init_model(path, "tiny", seed=0)
+    cfg, params = checkpoint.load(path)
+    return cfg, params, Tokenizer.from_dir(path)
+
+
+def make(tiny, **kw) -> Generator:
+    cfg, params, tk = tiny
+    kw = {**BUCKETS, "device_bytes": 4 << 20, "host_bytes": 4 << 20, **kw}
+    return Generator(cfg, params, n_vocab=tk.vocab_size, eos_ids=(), **kw)
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 400, n).tolist()
+
+
+def one(gen: Generator, session, prompt, max_tokens=8, **kw):
+    return gen.generate([GenRequest(session, prompt, max_tokens, **kw)])[0]
+
+
+def reference_greedy(tiny, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with model.forward directly: whole prompt, then one token at a time."""
+    cfg, params, tk = tiny
+    fwd = jax.jit(model.forward, static_argnums=1)
+    k, v = model.init_cache(cfg, 1, 256)
+    logits, k, v = fwd(params, cfg, jnp.asarray([prompt], jnp.int32), jnp.zeros(1, jnp.int32), k, v)
+    out = []
+    for i in range(n):
+        tok = int(jnp.argmax(logits[0, -1, : tk.vocab_size]))
+        out.append(tok)
+        start = jnp.full(1, len(prompt) + i, jnp.int32)
+        logits, k, v = fwd(params, cfg, jnp.asarray([[tok]], jnp.int32), start, k, v)
+    return out
+
+
+# -- buckets and samplers ------------------------------------------------------------------------
+
+
+def test_buckets():
+    assert length_buckets(1024) == (64, 128, 192, 256, 384, 512, 768, 1024)
+    assert length_buckets(1000)[-1] == 960
+    assert bucket(65, (64, 128)) == 128
+    with pytest.raises(ValueError, match="larger than the largest bucket"):
+        bucket(129, (64, 128))
+
+
+def test_samplers_mask_and_filter():
+    logits = jnp.asarray([[0.0, 1.0, 5.0, 9.0], [3.0, 2.0, 1.0, 0.0]])
+    masked = apply_masks(logits, n_vocab=3, mask=jnp.asarray([[True] * 4, [False, True, True, True]]))
+    assert np.asarray(masked)[0, 3] < -1e30 and np.asarray(masked)[1, 0] < -1e30
+    kept = np.asarray(top_p_filter(jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]])), jnp.asarray([0.7])))
+    assert (kept > -1e30).tolist() == [[True, True, False, False]]
+    seeds, pos = jnp.asarray([1, 1], jnp.uint32), jnp.asarray([4, 4], jnp.int32)
+    temps, top_p = jnp.asarray([0.0, 1.0]), jnp.asarray([1.0, 1e-6])
+    tok, lp = sample(logits, seeds, pos, temps, top_p, None, n_vocab=3, greedy_only=False)
+    assert tok.tolist() == [2, 0]  # id 3 is past the vocabulary; top_p ~0 is greedy
+    assert np.all(np.asarray(lp) <= 0)
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def test_incremental_prefill_equals_full_prefill(tiny):
+    gen = make(tiny)
+    p1 = ids(90, 1)
+    first = one(gen, "s", p1)
+    assert (first.prompt_tokens, first.cached_tokens, first.finish_reason) == (90, 0, "length")
+    assert gen.pool.tokens("s") == p1 + first.tokens[:-1]
+
+    extra = ids(60, 2)
+    extra[0] = (first.tokens[0] + 1) % 400 + 3  # differs from the cached continuation
+    inc = one(gen, "s", p1 + extra)
+    full = one(gen, "fresh", p1 + extra)
+    assert (inc.prompt_tokens, inc.cached_tokens) == (150, 90)
+    assert (full.prompt_tokens, full.cached_tokens) == (150, 0)
+    assert inc.tokens == full.tokens == reference_greedy(tiny, p1 + extra, 8)
+    np.testing.assert_allclose(inc.logprobs, full.logprobs, atol=1e-4)
+
+    again = one(gen, "s", p1 + extra)  # the same prompt again: all but its last token cached
+    assert again.cached_tokens == 149 and again.tokens == full.tokens
+
+
+def test_divergence_recomputes_from_the_first_different_token(tiny):
+    gen = make(tiny)
+    p = ids(100, 3)
+    one(gen, "s", p)
+    q = p[:40] + ids(50, 4)
+    q[40] = (p[40] + 1) % 400 + 3
+    diverged = one(gen, "s", q)
+    fresh = one(gen, "t", q)
+    assert diverged.cached_tokens == 40
+    assert diverged.tokens == fresh.tokens
+    np.testing.assert_allclose(diverged.logprobs, fresh.logprobs, atol=1e-4)
+
+
+def test_lru_device_then_host_then_dropped(tiny):
+    cfg = tiny[0]
+    page = SessionPool(cfg, jnp.float32, device_bytes=1 << 20, host_bytes=0).page_bytes
+    # 4 pages on device (two 2-page sessions), host memory for two spilled sessions, not three
+    gen = make(tiny, device_bytes=4 * page, host_bytes=5 * page)
+    prompts = {key: ids(70, 10 + i) for i, key in enumerate("abcde")}
+    outs = {}
+    for key in "abcde":
+        outs[key] = one(gen, key, prompts[key], max_tokens=40)
+        assert outs[key].cached_tokens == 0
+    where = {key: gen.pool.where(key) for key in "abcde"}
+    assert where == {"a": None, "b": "host", "c": "host", "d": "device", "e": "device"}
+    assert gen.pool.stats["spilled"] == 3 and gen.pool.stats["dropped"] == 1
+
+    b = one(gen, "b", prompts["b"], max_tokens=40)  # back from host; d spills, c is dropped
+    assert b.cached_tokens == 69 and b.tokens == outs["b"].tokens
+    where = {key: gen.pool.where(key) for key in "abcde"}
+    assert where == {"a": None, "b": "device", "c": None, "d": "host", "e": "device"}
+    assert gen.pool.keys() == ["d", "e", "b"]
+
+    a = one(gen, "a", prompts["a"], max_tokens=40)  # dropped: recomputed, same answer
+    assert a.cached_tokens == 0 and a.tokens == outs["a"].tokens
+    assert gen.pool.stats["restored"] == 1
+
+
+def test_session_larger_than_the_pool_is_an_error(tiny):
+    cfg = tiny[0]
+    page = SessionPool(cfg, jnp.float32, device_bytes=1 << 20, host_bytes=0).page_bytes
+    gen = make(tiny, device_bytes=2 * page)
+    small, big = gen.generate([GenRequest("x", ids(20, 1), 4), GenRequest("y", ids(200, 2), 8)])
+    assert small.error is None and len(small.tokens) == 4
+    assert big.finish_reason == "error" and "needs 4 pages" in big.error
+    assert one(gen, "z", ids(300, 3)).error.startswith("request 0")  # past the largest bucket
+
+
+# -- batching and compiles -------------------------------------------------------------------------
+
+
+def test_batched_equals_unbatched_and_nothing_recompiles(tiny):
+    gen = make(tiny)
+    gen.warmup(batch_sizes=(1, 4), seq_lens=(128, 256), sampling=(False, True))
+    before = gen.compiles
+    reqs = [GenRequest(f"k{i}", ids(n, 20 + i), m) for i, (n, m) in
+            enumerate([(5, 8), (63, 3), (130, 20), (90, 12)])]
+    batched = gen.generate(reqs)
+    alone = [make(tiny).generate([GenRequest("solo", r.prompt, r.max_tokens)])[0] for r in reqs]
+    for b, a, r in zip(batched, alone, reqs):
+        assert b.tokens == a.tokens and len(b.tokens) == r.max_tokens
+        assert (b.prompt_tokens, b.cached_tokens) == (len(r.prompt), 0)
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+
+    # varied lengths and batch sizes inside the warmed buckets, sampling included
+    for n, sizes in enumerate([(1,), (2, 3), (17, 70, 100), (33, 1, 200, 7)]):
+        gen.generate([GenRequest(f"v{n}-{j}", ids(size, n * 10 + j), 9, temperature=0.7 * (j % 2),
+                                 seed=j) for j, size in enumerate(sizes)])
+    # the same key twice in one call runs in two rounds, the second reusing the first's cache
+    twice = gen.generate([GenRequest("dup", ids(50, 5), 4), GenRequest("dup", ids(50, 5) + [7], 4)])
+    assert twice[1].cached_tokens == 50
+    assert gen.compiles == before
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    gen = make(tiny)
+    p = ids(40, 7)
+    a = one(gen, "a", p, 16, temperature=0.9, top_p=0.95, seed=123)
+    b = gen.generate([GenRequest("b0", ids(30, 8), 5),
+                      GenRequest("b", p, 16, temperature=0.9, top_p=0.95, seed=123)])[1]
+    c = one(gen, "c", p, 16, temperature=0.9, top_p=0.95, seed=124)
+    g = one(gen, "g", p, 16)
+    assert a.tokens == b.tokens  # another batch, another position in it: same draws
+    assert a.tokens != c.tokens and a.tokens != g.tokens
+
+
+def test_constrained_output_always_validates(tiny):
+    from ponder.inference.jax.constrain import Constraint
+
+    cfg, _, tk = tiny
+    schema = answer_schema(("none", "alert", "inspect"))
+    c = Constraint.json_schema(schema, tk, vocab_size=cfg.vocab_size)
+    gen = make(tiny)
+    prompt = tk.encode(tk.apply_chat_template([{"role": "user", "content": "pump-7 vibration=9.1"}]))
+    reqs = [GenRequest(f"s{seed}", prompt, 48, temperature=1.0, seed=seed, constraint=c)
+            for seed in range(24)]
+    reqs.append(GenRequest("greedy", prompt, 48, constraint=c))
+    results = gen.generate(reqs)
+    texts = set()
+    for r in results:
+        assert r.error is None and r.finish_reason == "stop" and len(r.tokens) <= 48
+        text = tk.decode(r.tokens)
+        jsonschema.validate(json.loads(text), schema)
+        texts.add(text)
+    assert len(texts) > 10  # the seeds really sampled
