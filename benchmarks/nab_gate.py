@@ -143,7 +143,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| **total** | {gt['events']} | **{gt['windows_hit']}/{gt['windows']} "
                  f"({gt['window_recall']:.0%})** | **{gt['escalations']} "
                  f"({gt['escalation_rate']:.2%})** | {bt['windows_hit']}/{bt['windows']} "
-                 f"({bt['window_recall']:.0%}) | {bt['escalations']} ({bt['escalation_rate']:.2%}) |")
+                 f"({bt['window_recall']:.0%}) | {bt['escalations']} "
+                 f"({bt['escalation_rate']:.2%}) |")
     r = result["ratio"]
     lines.append("")
     lines.append(f"Anomaly-free series: gate {gt['no_anomaly_escalations']} escalations "

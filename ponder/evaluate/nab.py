@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,11 +132,12 @@ def gate_detector(policy: GatePolicy | None = None) -> Detector:
     """The gate as a NAB detector: score = gate score, flag = escalation."""
     g = policy or GatePolicy()
 
-    def detect(key: str, ts: Sequence[float], values: Sequence[float]) -> tuple[list[float], list[bool]]:
+    def detect(key: str, ts: Sequence[float], values: Sequence[float]
+               ) -> tuple[list[float], list[bool]]:
         st = new_state()
         scores: list[float] = []
         flags: list[bool] = []
-        for i, (t, v) in enumerate(zip(ts, values)):
+        for i, (t, v) in enumerate(zip(ts, values, strict=True)):
             verdict = observe(g, st, Event(key, t, {"value": v}, SourcePos("nab", 0, i)))
             scores.append(min(1.0, max(0.0, verdict.score)))
             flags.append(verdict.escalate)
@@ -153,7 +154,7 @@ def score_flags(file: str, ts: Sequence[float], flags: Sequence[bool],
     hit = [False] * len(wins)
     esc = false = early = 0
     probation = int(PROBATION * len(ts))
-    for i, (t, f) in enumerate(zip(ts, flags)):
+    for i, (t, f) in enumerate(zip(ts, flags, strict=True)):
         if not f:
             continue
         esc += 1
@@ -171,11 +172,10 @@ def score_flags(file: str, ts: Sequence[float], flags: Sequence[bool],
 
 
 def _labels(ts: Sequence[float], windows: list[tuple[float, float]] | None) -> list[int]:
-    out = [0] * len(ts)
-    for a, b in windows or []:
-        for i in range(bisect_left(ts, a), bisect_right(ts, b)):
-            out[i] = 1
-    return out
+    """NAB's label per row: 1 inside a labelled window (bounds included), else 0."""
+    wins = windows or []
+    starts = [a for a, _ in wins]
+    return [1 if any(wins[m][1] >= t for m in range(bisect_right(starts, t))) else 0 for t in ts]
 
 
 def _totals(files: list[NabFile]) -> NabTotals:
@@ -214,7 +214,7 @@ def evaluate(data_dir: Path, detector: Detector, *, name: str = "ponder",
             with dest.open("w", newline="") as fh:
                 w = csv.writer(fh, lineterminator="\n")
                 w.writerow(HEADER)
-                for row in zip(stamps, values, scores, labels, flags):
+                for row in zip(stamps, values, scores, labels, flags, strict=True):
                     w.writerow((row[0], repr(row[1]), f"{row[2]:.4f}", row[3], int(row[4])))
     return NabReport(files=files, totals=_totals(files), detector=name)
 

@@ -279,7 +279,7 @@ def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
         scale = max(d, 0.5 * err, floor)
         if learnt:
             # the phase was seen in two earlier periods at least, and the profile predicts no
-            # worse than twice the fast mean on average (a cycle that drifts against the period does)
+            # worse than twice the fast mean on average (a cycle drifting against the period does)
             if periods >= 3.0:
                 if bar < best_err and sp.mae < 2.0 * sp.fae:
                     best, best_err = (j + 1, m, scale), bar
@@ -552,7 +552,8 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
         if st.n >= g.warmup and st.dt > 0.0:
             s = _ramp(dt / st.dt, *g.gap)
             if s > 0.0:
-                findings.append(Finding("gap", "*", s, dt, st.dt, f"{dt:.0f}s since previous event"))
+                findings.append(Finding("gap", "*", s, dt, st.dt,
+                                        f"{dt:.0f}s since previous event"))
         if dt > 0.0:
             st.dt = dt if st.dt == 0.0 else st.dt + 0.05 * (min(dt, 10.0 * st.dt) - st.dt)
     st.last_ts = ts
@@ -576,7 +577,8 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
             if fg is not None and not fg.counter:
                 fg.nulls += 1
                 if fg.nulls == 1 and fg.n >= g.warmup and fg.missing <= g.max_missing:
-                    findings.append(Finding("dropout", name, g.dropout, None, fg.fast, "value missing"))
+                    findings.append(Finding("dropout", name, g.dropout, None, fg.fast,
+                                            "value missing"))
                 fg.missing += g.alpha_slow * (1.0 - fg.missing)
         elif isinstance(v, str):
             _categorical(g, st, name, v, findings)
@@ -586,7 +588,8 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
         hit = rule.when(event)
         if hit:
             s = rule.score if hit is True else float(hit)
-            findings.append(Finding("rule", rule.field, max(0.0, min(1.0, s)), None, None, rule.name))
+            findings.append(Finding("rule", rule.field, max(0.0, min(1.0, s)), None, None,
+                                    rule.name))
     return _hysteresis(g, st, findings)
 
 

@@ -51,7 +51,8 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     constraint: Any = None
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[int], Any] | None = None
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
 
 
 @dataclass
@@ -339,7 +340,7 @@ class Generator:
     def _accept(self, row: _Row, t: int, logprob: float) -> None:
         """Take token t for a row; set row.finish when the row stops."""
         req, c = row.req, row.req.constraint
-        if t in self.eos_ids and (c is None or c.is_complete(row.state)):
+        if t in self.eos_ids and not req.ignore_eos and (c is None or c.is_complete(row.state)):
             row.finish = "stop"
             return
         row.out.append(t)

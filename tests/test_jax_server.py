@@ -1,0 +1,173 @@
+"""`ponder serve-model` on loopback with a tiny random checkpoint, driven by the official openai
+client and by OpenAIEngine, against JaxEngine in process; and `jax:PATH` as a pipeline's edge."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from ponder.cli import app
+from ponder.connectors.memory import MemorySink, MemorySource
+from ponder.inference.engine import Engine, Request
+from ponder.inference.jax.engine import JaxEngine, chat_messages
+from ponder.inference.jax.server import ModelServer
+from ponder.inference.openai import OpenAIEngine
+from ponder.inference.registry import build_engine
+from ponder.inference.reflex import ReflexRule
+from ponder.operators.gate import GatePolicy, Rule
+from ponder.operators.route import TierSpec
+from ponder.pipelines.pipeline import Pipeline
+from ponder.types import answer_schema
+
+ACTIONS = ("none", "alert", "inspect")
+SCHEMA = answer_schema(ACTIONS)
+HEAD = "You monitor one stream key.\nAllowed actions: none, alert, inspect.\nReply with JSON.\n"
+# small buckets: every engine in this file (the server's and the in-process ones) shares them
+KW = dict(max_batch=4, session_cap_bytes=16 << 20, batch_buckets=(1, 4), seq_buckets=(256, 512),
+          chunk_buckets=(16, 64), model_name="tiny")
+MSGS = [{"role": "system", "content": "You watch pumps."},
+        {"role": "user", "content": "pump-7 temperature=91.5 vibration=3.2 (mean 40.1)"}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    result = CliRunner().invoke(app, ["init-model", str(path), "--preset", "tiny", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    with ModelServer(JaxEngine(ckpt, **KW)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def req(session: str, lines: tuple[str, ...], tail: str = "stats now\n", max_tokens: int = 40) -> Request:
+    """Shaped like context.render's prompt: header, the key's data block, then the tail."""
+    prefix = HEAD + f"\n<data key={session}>\nRecent events (oldest first):\n" + "".join(
+        line + "\n" for line in lines)
+    return Request(session, prefix, "</data>\n" + tail, max_tokens, ACTIONS, SCHEMA)
+
+
+def test_models_and_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    client.completions.create(model="tiny", prompt="pump", max_tokens=2, temperature=0)
+    text = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
+    for name in ("ponder_model_compiles", "ponder_model_prompt_tokens_total",
+                 'ponder_model_sessions{where="device"}', "ponder_model_batch_size_bucket"):
+        assert name in text
+
+
+def test_completions_stream_equals_non_stream(client):
+    kw = dict(model="tiny", prompt="device-0042 pressure=12.5 rising", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kw)
+    parts = [c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert whole.choices[0].text == "".join(parts) and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 5
+
+    # a stop string cuts the text before it, streamed or not
+    text = whole.choices[0].text
+    stop = text[len(text) // 2 :][:3]
+    cut = client.completions.create(**kw, stop=[stop])
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=[stop], stream=True))
+    assert cut.choices[0].text == streamed == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_stream_equals_non_stream_and_the_session_is_cached(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=16, temperature=0, user="pump-7")
+    first = client.chat.completions.create(**kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.chat.completions.create(**kw)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1 > 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == first.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+    # another key (the `session` field wins over `user`) starts cold
+    other = client.chat.completions.create(**kw, extra_body={"session": "pump-8"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_json_schema_response_format_validates(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=48, temperature=1.0,
+                                           seed=seed, response_format=fmt)
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_bad_requests_are_400(client):
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="tiny", messages=MSGS, n=2)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=list(range(3, 600)), max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="tiny", messages=MSGS, response_format={"type": "xml"})
+
+
+async def test_openai_engine_against_the_server_equals_jax_engine(server, ckpt):
+    """The same Requests through HTTP and in process: same tokens, so same text and usage."""
+    local = JaxEngine(ckpt, **KW)
+    remote = OpenAIEngine(server.url, "tiny", backoff_s=0.01)
+    assert isinstance(local, Engine) and isinstance(remote, Engine)
+    assert remote.body(req("A", ("- e1",)))["messages"] == chat_messages(*[req("A", ("- e1",)).prefix,
+                                                                          req("A", ("- e1",)).tail])
+    calls = [[req("eq-A", ("- e1",)), req("eq-B", ("- b1", "- b2"))],
+             [req("eq-A", ("- e1", "- e2"), tail="stats later\n")]]
+    try:
+        for batch in calls:
+            here, there = await local.generate(batch), await remote.generate(batch)
+            for h, t in zip(here, there):
+                assert h.error is None and t.error is None
+                assert (h.text, h.usage, h.finish_reason) == (t.text, t.usage, t.finish_reason)
+                jsonschema.validate(json.loads(h.text), SCHEMA)
+        assert here[0].usage.cached_prompt_tokens > 0  # the second call of eq-A reused its prefix
+    finally:
+        await local.stop()
+        await remote.stop()
+
+
+async def test_jax_engine_as_a_pipeline_edge_tier(ckpt):
+    assert isinstance(build_engine(f"jax:{ckpt}"), JaxEngine)
+    with pytest.raises(ValueError, match="jax:PATH"):
+        build_engine("jax:")
+    eng = JaxEngine(ckpt, **{**KW, "batch_buckets": (4,), "seq_buckets": (1024,)})  # ~700-token prompts
+    pipe = Pipeline(
+        name="edge-jax", key="k", time="ts", actions=ACTIONS,
+        gate=GatePolicy(fields=(), gap=(1e9, 2e9), renotify=0.0,
+                        rules=(Rule("flag", lambda e: bool(e.payload.get("flag"))),)),
+        tiers=(TierSpec("reflex", max_batch=1), TierSpec("edge", engine=eng, min_score=0.0, max_batch=4)),
+        reflex=(ReflexRule("rule", "alert", "high"),))
+    items = [{"k": k, "ts": float(i), "flag": (k, i) in {("A", 1), ("A", 3), ("B", 2)}}
+             for i in range(5) for k in ("A", "B")]
+    sink = MemorySink()
+    try:
+        stats = await pipe.worker(MemorySource(items), sink, engines={"edge": eng}).run()
+    finally:
+        await eng.stop()
+    assert stats.decisions == 3 and stats.dead_letters == 0
+    assert all(d.tier == "edge" and d.model == "tiny" and not d.degraded for d in sink.decisions), sink.decisions
+    a1, a2 = [d for d in sink.decisions if d.key == "A"]
+    assert a1.usage.cached_prompt_tokens == 0 < a2.usage.cached_prompt_tokens < a2.usage.prompt_tokens
+
+
+def test_serve_model_cli_rejects_a_missing_checkpoint(tmp_path):
+    result = CliRunner().invoke(app, ["serve-model", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not a checkpoint directory" in result.output
