@@ -43,6 +43,7 @@ import numpy as np
 from ponder.inference.jax.checkpoint import init_params
 from ponder.inference.jax.config import PRESETS
 from ponder.inference.jax.generate import GenRequest, Generator
+from ponder.inference.jax.sessions import TRACES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,6 +56,10 @@ def _timed(gen: Generator, reqs: list[GenRequest]) -> tuple[float, list]:
         if r.error:
             raise RuntimeError(r.error)
     return dt, out
+
+
+def _traces() -> int:
+    return sum(TRACES.values())
 
 
 def _ids(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
@@ -74,14 +79,15 @@ def bandwidth_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
     return 2 * x.nbytes / statistics.median(times) / 1e9
 
 
-def prefix_reuse(preset: str, cached: list[int], append: int, repeat: int, seed: int) -> tuple[list, Generator]:
+def prefix_reuse(preset: str, cached: list[int], append: int, repeat: int, seed: int) -> tuple[list, int]:
+    """Rows per cached length, and the traces seen during the timed runs."""
     cfg = PRESETS[preset]
     params = init_params(cfg, seed)
     longest = max(cached) + append + 1
     gen = Generator(cfg, params, max_batch=1, max_seq_len=longest + 64,
                     device_bytes=3 * (longest + 64) * _kv_bytes_per_token(cfg, 4) + (64 << 20))
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, recompiles = [], 0
     for n in cached:
         base = _ids(rng, n, cfg.vocab_size)
         key = f"p{n}"
@@ -89,6 +95,7 @@ def prefix_reuse(preset: str, cached: list[int], append: int, repeat: int, seed:
         gen.generate([GenRequest(key, base + _ids(rng, append, cfg.vocab_size), 1)])  # warm-up
         gen.generate([GenRequest(None, base + _ids(rng, append, cfg.vocab_size), 1)])
         inc, full = [], []
+        before = _traces()
         for _ in range(repeat):
             dt, (r,) = _timed(gen, [GenRequest(key, base + _ids(rng, append, cfg.vocab_size), 1)])
             assert r.cached_tokens == n, (r.cached_tokens, n)
@@ -96,21 +103,23 @@ def prefix_reuse(preset: str, cached: list[int], append: int, repeat: int, seed:
             dt, (r,) = _timed(gen, [GenRequest(None, base + _ids(rng, append, cfg.vocab_size), 1)])
             assert r.cached_tokens == 0
             full.append(dt)
+        recompiles += _traces() - before
         a, f = statistics.median(inc), statistics.median(full)
         rows.append({"cached": n, "new": append, "append_s": a, "full_s": f, "ratio": f / a,
                      "append_runs_s": inc, "full_runs_s": full})
-    return rows, gen
+    return rows, recompiles
 
 
 def decode_rate(preset: str, batches: list[int], prompt: int, tokens: int, repeat: int, seed: int,
-                dtype: str = "float32", params=None) -> tuple[list, Generator]:
+                dtype: str = "float32", params=None) -> tuple[list, int]:
+    """Rows per batch size, and the traces seen during the timed runs."""
     cfg = PRESETS[preset]
     params = params if params is not None else init_params(cfg, seed, dtype)
     itemsize = jnp.dtype(params["embed"].dtype).itemsize
     gen = Generator(cfg, params, max_batch=max(batches), max_seq_len=prompt + tokens + 64,
                     device_bytes=2 * max(batches) * (prompt + tokens + 64) * _kv_bytes_per_token(cfg, itemsize))
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, recompiles = [], 0
     for B in batches:
         def reqs(n):
             return [GenRequest(None, _ids(rng, prompt, cfg.vocab_size), n, ignore_eos=True) for _ in range(B)]
@@ -118,16 +127,18 @@ def decode_rate(preset: str, batches: list[int], prompt: int, tokens: int, repea
         _timed(gen, reqs(1))  # warm-up: both shapes
         _timed(gen, reqs(tokens))
         first, whole = [], []
+        before = _traces()
         for _ in range(repeat):
             first.append(_timed(gen, reqs(1))[0])
             dt, out = _timed(gen, reqs(tokens))
             assert all(len(r.tokens) == tokens for r in out)
             whole.append(dt)
+        recompiles += _traces() - before
         t1, tn = statistics.median(first), statistics.median(whole)
         rows.append({"batch": B, "prompt": prompt, "new_tokens": tokens, "ttft_s": t1, "total_s": tn,
                      "decode_tok_s": B * (tokens - 1) / max(tn - t1, 1e-9),
                      "step_ms": 1000 * (tn - t1) / (tokens - 1)})
-    return rows, gen
+    return rows, recompiles
 
 
 def _kv_bytes_per_token(cfg, itemsize: int) -> int:
@@ -141,7 +152,7 @@ def big_model(preset: str, dtypes: list[str], prompt: int, tokens: int, repeat: 
     for dtype in dtypes:
         params = init_params(cfg, seed, dtype)
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-        (row,), gen = decode_rate(preset, [1], prompt, tokens, repeat, seed, dtype, params)
+        (row,), recompiles = decode_rate(preset, [1], prompt, tokens, repeat, seed, dtype, params)
         itemsize = jnp.dtype(params["embed"].dtype).itemsize
         # bytes a decode step reads: every weight (the tied embedding once, as the LM head; its
         # gather of one row is negligible) + the KV cache at the mean decode context
@@ -150,8 +161,8 @@ def big_model(preset: str, dtypes: list[str], prompt: int, tokens: int, repeat: 
         rows.append({"dtype": dtype, "params": cfg.num_params, "weight_bytes": weight_bytes,
                      "prompt": prompt, "new_tokens": tokens, "ttft_s": row["ttft_s"],
                      "decode_tok_s": row["decode_tok_s"], "roofline_tok_s": roofline,
-                     "roofline_fraction": row["decode_tok_s"] / roofline})
-        del params, gen
+                     "roofline_fraction": row["decode_tok_s"] / roofline, "recompiles": recompiles})
+        del params
         gc.collect()
     return rows
 
@@ -216,18 +227,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say(f"backend={backend} devices={jax.devices()}")
     bw = bandwidth_gbps(1 << 28 if a.quick else 1 << 30)
     say(f"bandwidth {bw:.1f} GB/s; append vs full prefill on {a.preset} ...")
-    c0 = sum(_traces().values())
-    prefix, gen = prefix_reuse(a.preset, a.cached, a.append, a.repeat, a.seed)
+    c0 = _traces()
+    prefix, rc_prefix = prefix_reuse(a.preset, a.cached, a.append, a.repeat, a.seed)
     say(json.dumps(prefix))
-    c_prefix_warm = sum(_traces().values())
-    del gen
     gc.collect()
     say(f"decode at batches {a.batches} ...")
-    decode, gen = decode_rate(a.preset, a.batches, a.decode_prompt, a.decode_tokens, a.repeat, a.seed)
+    decode, rc_decode = decode_rate(a.preset, a.batches, a.decode_prompt, a.decode_tokens, a.repeat, a.seed)
     say(json.dumps(decode))
-    del gen
     gc.collect()
-    compiles = sum(_traces().values()) - c0
+    recompiles = rc_prefix + rc_decode
+    compiles = _traces() - c0 - recompiles
+    say(f"{a.big_preset} at {a.dtypes} ...")
     big = [] if a.no_big else big_model(a.big_preset, a.dtypes, a.big_prompt, a.big_tokens,
                                           a.repeat, a.seed, bw)
     result: dict[str, Any] = {
@@ -236,10 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
         "preset": a.preset, "params": PRESETS[a.preset].num_params, "repeat": a.repeat,
         "bandwidth_gbps": bw, "prefix": prefix, "decode": decode,
-        "compiles_warmup": compiles - _RECOMPILES[0], "recompiles_after_warmup": _RECOMPILES[0],
+        "compiles_warmup": compiles, "recompiles_after_warmup": recompiles + sum(r["recompiles"] for r in big),
         "big_preset": a.big_preset, "big": big,
     }
-    del c_prefix_warm
     ratio = {r["cached"]: r["ratio"] for r in prefix}
     scale = decode[-1]["decode_tok_s"] / decode[0]["decode_tok_s"]
     result["targets"] = {
@@ -252,15 +261,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not a.quiet:
         print(table(result))
     return result
-
-
-def _traces():
-    from ponder.inference.jax.sessions import TRACES
-
-    return TRACES
-
-
-_RECOMPILES = [0]
 
 
 if __name__ == "__main__":

@@ -316,6 +316,7 @@ class Generator:
             if r.req.constraint is not None:
                 r.state = r.req.constraint.start()
         kw = dict(n_vocab=self.n_vocab, greedy_only=not (temps > 0).any())
+        seeds, temps, top_ps = jnp.asarray(seeds), jnp.asarray(temps), jnp.asarray(top_ps)  # once
         step = (self.params, self.cfg)
         tok, logprob = first_token(logits, seeds, pos, temps, top_ps, self._mask(rows, B), **kw)
         pos = jnp.asarray(pos)  # tok's positions; decode_step returns them + 1
