@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any, AsyncIterator, Iterable
 
@@ -46,6 +47,7 @@ class MemorySource:
             if len(out) >= self._batch:
                 yield out
                 out = []
+                await asyncio.sleep(0)  # let lanes run between batches, as a network source would
         if out:
             yield out
 

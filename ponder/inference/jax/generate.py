@@ -321,9 +321,10 @@ class Generator:
         tok, logprob = first_token(logits, seeds, pos, temps, top_ps, self._mask(rows, B), **kw)
         pos = jnp.asarray(pos)  # tok's positions; decode_step returns them + 1
         while True:
-            ahead = None
-            if not any(r.state is not None and r.finish is None for r in rows):
-                # no constrained row waits on this token: queue the next step before reading it
+            ahead, live = None, [r for r in rows if r.finish is None]
+            if all(r.state is None for r in live) and any(len(r.out) + 1 < r.req.max_tokens for r in live):
+                # no constraint waits on this token and some row goes on: queue the next step
+                # before reading this one, so the device never idles on the host
                 ahead = decode_step(*step, tok, pos, k, v, seeds, temps, top_ps, None, **kw)
             for row, t, lp in zip(rows, np.asarray(tok).tolist(), np.asarray(logprob).tolist()):
                 if row.finish is None:
