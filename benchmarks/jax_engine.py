@@ -42,7 +42,7 @@ import numpy as np
 
 from ponder.inference.jax.checkpoint import init_params
 from ponder.inference.jax.config import PRESETS
-from ponder.inference.jax.generate import GenRequest, Generator
+from ponder.inference.jax.generate import Generator, GenRequest
 from ponder.inference.jax.sessions import TRACES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,7 +121,7 @@ def decode_rate(preset: str, batches: list[int], prompt: int, tokens: int, repea
     rng = np.random.default_rng(seed)
     rows, recompiles = [], 0
     for B in batches:
-        def reqs(n):
+        def reqs(n, B=B):
             return [GenRequest(None, _ids(rng, prompt, cfg.vocab_size), n, ignore_eos=True) for _ in range(B)]
 
         _timed(gen, reqs(1))  # warm-up: both shapes
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     big = [] if a.no_big else big_model(a.big_preset, a.dtypes, a.big_prompt, a.big_tokens,
                                           a.repeat, a.seed, bw)
     result: dict[str, Any] = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(), "jax": jax.__version__, "backend": backend,
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
         "preset": a.preset, "params": PRESETS[a.preset].num_params, "repeat": a.repeat,

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from ponder.inference.jax import checkpoint, model
-from ponder.inference.jax.generate import GenRequest, Generator, bucket, length_buckets
+from ponder.inference.jax.generate import Generator, GenRequest, bucket, length_buckets
 from ponder.inference.jax.sampling import apply_masks, sample, top_p_filter
 from ponder.inference.jax.sessions import SessionPool
 from ponder.inference.jax.tokenizer import Tokenizer
 from ponder.types import answer_schema
 
-BUCKETS = dict(max_batch=4, batch_buckets=(1, 4), seq_buckets=(128, 256), chunk_buckets=(16, 64))
+BUCKETS = {"max_batch": 4, "batch_buckets": (1, 4), "seq_buckets": (128, 256), "chunk_buckets": (16, 64)}
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from ponder.inference.engine import Engine, Request
 from ponder.inference.jax.engine import JaxEngine, chat_messages
 from ponder.inference.jax.server import ModelServer
 from ponder.inference.openai import OpenAIEngine
-from ponder.inference.registry import build_engine
 from ponder.inference.reflex import ReflexRule
+from ponder.inference.registry import build_engine
 from ponder.operators.gate import GatePolicy, Rule
 from ponder.operators.route import TierSpec
 from ponder.pipelines.pipeline import Pipeline
@@ -28,8 +28,8 @@ ACTIONS = ("none", "alert", "inspect")
 SCHEMA = answer_schema(ACTIONS)
 HEAD = "You monitor one stream key.\nAllowed actions: none, alert, inspect.\nReply with JSON.\n"
 # small buckets: every engine in this file (the server's and the in-process ones) shares them
-KW = dict(max_batch=4, session_cap_bytes=16 << 20, batch_buckets=(1, 4), seq_buckets=(256, 512),
-          chunk_buckets=(16, 64), model_name="tiny")
+KW = {"max_batch": 4, "session_cap_bytes": 16 << 20, "batch_buckets": (1, 4), "seq_buckets": (256, 512),
+          "chunk_buckets": (16, 64), "model_name": "tiny"}
 MSGS = [{"role": "system", "content": "You watch pumps."},
         {"role": "user", "content": "pump-7 temperature=91.5 vibration=3.2 (mean 40.1)"}]
 
@@ -70,7 +70,7 @@ def test_models_and_metrics(client, server):
 
 
 def test_completions_stream_equals_non_stream(client):
-    kw = dict(model="tiny", prompt="device-0042 pressure=12.5 rising", max_tokens=12, temperature=0)
+    kw = {"model": "tiny", "prompt": "device-0042 pressure=12.5 rising", "max_tokens": 12, "temperature": 0}
     whole = client.completions.create(**kw)
     parts = [c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices]
     assert whole.choices[0].text == "".join(parts) and whole.choices[0].finish_reason == "length"
@@ -86,7 +86,7 @@ def test_completions_stream_equals_non_stream(client):
 
 
 def test_chat_stream_equals_non_stream_and_the_session_is_cached(client):
-    kw = dict(model="tiny", messages=MSGS, max_tokens=16, temperature=0, user="pump-7")
+    kw = {"model": "tiny", "messages": MSGS, "max_tokens": 16, "temperature": 0, "user": "pump-7"}
     first = client.chat.completions.create(**kw)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     second = client.chat.completions.create(**kw)

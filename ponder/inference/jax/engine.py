@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ponder.inference.engine import Completion, EngineError, Request
 from ponder.inference.openai import DATA_MARKER
@@ -162,7 +163,7 @@ class JaxEngine:
 
         if not isinstance(schema, dict):
             msg = f"a JSON Schema must be an object, got {type(schema).__name__}"
-            raise ValueError(msg)
+            raise ValueError(msg)  # noqa: TRY004 - callers report every bad schema the same way
         try:
             return Constraint.json_schema(schema, self.tokenizer, vocab_size=self.cfg.vocab_size)
         except (TypeError, RuntimeError) as e:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,14 @@ import numpy as np
 from .config import ModelConfig
 from .model import decoder, lm_logits
 from .sampling import sample
-from .sessions import TRACES, PoolFull, SessionPool, counted_jit, read_pages, write_pages
+from .sessions import (
+    TRACES,
+    PoolFull,
+    SessionPool,
+    counted_jit,
+    read_pages,
+    write_pages,
+)
 
 __all__ = ["GenRequest", "GenResult", "Generator", "bucket", "length_buckets"]
 
@@ -143,7 +151,7 @@ class Generator:
                  eos_ids: Sequence[int] = (), max_batch: int = 32, max_seq_len: int | None = None,
                  device_bytes: int = 256 << 20, host_bytes: int = 1 << 30, page_size: int = 64,
                  batch_buckets: Sequence[int] | None = None,
-                 chunk_buckets: Sequence[int] = (16, 64, 256, 1024),
+                 chunk_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
                  seq_buckets: Sequence[int] | None = None, prefill_tokens: int = 2048) -> None:
         self.cfg, self.params = cfg, params
         self.dtype = params["embed"].dtype
@@ -228,7 +236,7 @@ class Generator:
                 logits, k, v = prefill_chunk(self.params, self.cfg, tokens, zeros, zeros, logits, k, v)
             seeds, temps, top_ps = np.zeros(B, np.uint32), np.zeros(B, np.float32), np.ones(B, np.float32)
             for top_p, m in itertools.product(sampling, masked):
-                kw = dict(n_vocab=self.n_vocab, greedy_only=not top_p)
+                kw = {"n_vocab": self.n_vocab, "greedy_only": not top_p}
                 mask = np.ones((B, V), bool) if m else None
                 tok, _ = first_token(logits, seeds, zeros, temps, top_ps, mask, **kw)
                 tok, _, _, k, v = decode_step(self.params, self.cfg, tok, zeros, k, v, seeds, temps,
@@ -273,7 +281,7 @@ class Generator:
     def _round(self, rows: list[_Row]) -> None:
         try:
             self._run(rows)
-        except Exception as e:  # the batch fails; its sessions are forgotten, the pool stays sound
+        except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
             for row in rows:
                 self.pool.drop(row.key)
                 row.finish, row.error = "error", f"{type(e).__name__}: {e}"
@@ -315,7 +323,7 @@ class Generator:
             seeds[b], temps[b], top_ps[b] = seed & 0xFFFFFFFF, r.req.temperature, r.req.top_p
             if r.req.constraint is not None:
                 r.state = r.req.constraint.start()
-        kw = dict(n_vocab=self.n_vocab, greedy_only=not (temps > 0).any())
+        kw = {"n_vocab": self.n_vocab, "greedy_only": not (temps > 0).any()}
         seeds, temps, top_ps = jnp.asarray(seeds), jnp.asarray(temps), jnp.asarray(top_ps)  # once
         step = (self.params, self.cfg)
         tok, logprob = first_token(logits, seeds, pos, temps, top_ps, self._mask(rows, B), **kw)

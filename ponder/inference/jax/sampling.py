@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["NEG", "apply_masks", "greedy", "row_keys", "top_p_filter", "sample_top_p", "sample"]
+__all__ = ["NEG", "apply_masks", "greedy", "row_keys", "sample", "sample_top_p", "top_p_filter"]
 
 NEG = float(jnp.finfo(jnp.float32).min)  # not -inf: a fully masked row must not turn into NaN
 

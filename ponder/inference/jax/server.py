@@ -26,7 +26,13 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -36,7 +42,7 @@ from starlette.routing import Route
 from .engine import JaxEngine
 from .generate import GenRequest, GenResult
 
-__all__ = ["create_app", "serve", "ModelServer"]
+__all__ = ["ModelServer", "create_app", "serve"]
 
 
 class BadRequest(ValueError):
@@ -85,7 +91,7 @@ class _Batcher:
             while len(batch) < self.max_batch and (left := deadline - loop.time()) > 0:
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             t0 = time.perf_counter()
             try:

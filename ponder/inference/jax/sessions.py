@@ -33,7 +33,7 @@ import numpy as np
 
 from .config import ModelConfig
 
-__all__ = ["SessionPool", "Session", "PoolFull", "TRACES", "counted_jit", "common_prefix"]
+__all__ = ["TRACES", "PoolFull", "Session", "SessionPool", "common_prefix", "counted_jit"]
 
 # Process-wide count of traces (= compilations) of the engine's jitted functions, by name.
 TRACES: Counter[str] = Counter()
