@@ -7,7 +7,8 @@ run of the same shapes (the warm-up), so compile time is excluded and counted se
 * **append vs full prefill** (`small` preset, ~32M params, float32): a session holds N cached
   tokens (N = 512, 2048, 8192); a request whose prompt is those N plus 32 new tokens is timed to
   its first token (prefill of the 32 + the first sample + the pool copies) against the same
-  prompt in a fresh session (prefill of all N + 32). Target at N = 2048: >= 10x. The preset's
+  prompt in a fresh session (prefill of all N + 32). Target at N = 2048: >= 10x. A full
+  prefill that takes over 10 s (N = 8192 on a CPU) is timed once. The preset's
   nominal context is 8192; the N = 8192 row runs at 8225 positions (RoPE does not care).
 * **decode tokens/s** at batch 1, 8, 32 (`small`, 128-token prompts, 64 new tokens, EOS
   ignored): B * 63 / (time for 64 tokens - time for 1). Target: batch 32 >= 8x batch 1.
@@ -67,14 +68,14 @@ def _ids(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
 
 
 def bandwidth_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
-    """Device memory bandwidth: a jitted elementwise op over `nbytes` reads and writes them once."""
-    x = jnp.zeros(nbytes // 4, jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    jax.block_until_ready(f(x))
+    """Device memory bandwidth from a large copy: an in-place (donated) elementwise update of
+    `nbytes` reads and writes each byte once, and allocates nothing."""
+    f = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = jax.block_until_ready(f(jnp.ones(nbytes // 4, jnp.float32)))
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
+        x = jax.block_until_ready(f(x))
         times.append(time.perf_counter() - t0)
     return 2 * x.nbytes / statistics.median(times) / 1e9
 
@@ -93,13 +94,17 @@ def prefix_reuse(preset: str, cached: list[int], append: int, repeat: int, seed:
         key = f"p{n}"
         gen.generate([GenRequest(key, base, 1)])  # the session now holds `base`
         gen.generate([GenRequest(key, base + _ids(rng, append, cfg.vocab_size), 1)])  # warm-up
+        t0 = time.perf_counter()
         gen.generate([GenRequest(None, base + _ids(rng, append, cfg.vocab_size), 1)])
+        slow = time.perf_counter() - t0 > 10  # one timed full prefill is enough at that length
         inc, full = [], []
         before = _traces()
-        for _ in range(repeat):
+        for i in range(repeat):
             dt, (r,) = _timed(gen, [GenRequest(key, base + _ids(rng, append, cfg.vocab_size), 1)])
             assert r.cached_tokens == n, (r.cached_tokens, n)
             inc.append(dt)
+            if slow and i:
+                continue
             dt, (r,) = _timed(gen, [GenRequest(None, base + _ids(rng, append, cfg.vocab_size), 1)])
             assert r.cached_tokens == 0
             full.append(dt)

@@ -59,7 +59,7 @@ def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None =
                        info=f"esc={s.escalations} dec={s.decisions} dead={s.dead_letters}")
 
         stats = asyncio.run(pipe.worker(source, sink, progress=tick).run())
-        bar.update(task, completed=stats.events)
+        tick(stats)  # the last batch's lanes drained after the last tick
     return stats
 
 

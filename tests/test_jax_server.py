@@ -3,6 +3,7 @@ client and by OpenAIEngine, against JaxEngine in process; and `jax:PATH` as a pi
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -111,6 +112,21 @@ def test_json_schema_response_format_validates(client):
         r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=48, temperature=1.0,
                                            seed=seed, response_format=fmt)
         jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+async def test_concurrent_clients_are_batched_together(ckpt, client):
+    """Four clients at once run as one batch and get what each would get alone."""
+    users = [f"conc-{i}" for i in range(4)]
+    alone = [client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=0,
+                                            user=u + "-solo").choices[0].message.content for u in users]
+    with ModelServer(JaxEngine(ckpt, **KW), max_wait_ms=500) as srv:
+        aclient = openai.AsyncOpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+        together = await asyncio.gather(*(aclient.chat.completions.create(
+            model="tiny", messages=MSGS, max_tokens=8, temperature=0, user=u) for u in users))
+        await aclient.close()
+        text = httpx.get(srv.url.removesuffix("/v1") + "/metrics").text
+    assert [r.choices[0].message.content for r in together] == alone
+    assert "ponder_model_batch_size_count 1.0" in text and "ponder_model_batch_size_sum 4.0" in text
 
 
 def test_bad_requests_are_400(client):

@@ -295,7 +295,10 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
             return StreamingResponse(_stream(call, head), media_type="text/event-stream")
         if call.stop:
             call.req.on_token = _stopper(engine, call.stop)
-        res = await batcher.submit(call.req)
+        try:
+            res = await batcher.submit(call.req)
+        except Exception as e:  # noqa: BLE001 - the whole batch failed
+            res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
         if res.error:
             metrics.requests.labels(endpoint, "500").inc()
             return _error(500, res.error, "server_error")
