@@ -222,7 +222,7 @@ def test_writes_past_the_cache_are_dropped(llama_dir):
     tokens = jnp.asarray(_prompt(cfg, 7))
     _, k, v = FORWARD(params, cfg, tokens, jnp.array([S - 3]), k, v)  # 3 slots left for 7 tokens
     k = np.asarray(k)
-    assert np.all(k[:, :, : S - 3] == 0) and np.all(k[:, :, S - 3 :] != 0)
+    assert np.all(k[:, :, :, : S - 3] == 0) and np.all(k[:, :, :, S - 3 :] != 0)  # [L, B, Hkv, S, D]
 
 
 def test_greedy_generation_matches_transformers(ckpt):

@@ -5,7 +5,7 @@ decode step, and a count of every trace.
 session key:
 
 1. The pool matches each prompt against its session's cached tokens and pins its pages.
-2. The rows' pages are gathered into one contiguous cache [L, B, S, Hkv, D].
+2. The rows' pages are gathered into one contiguous cache [L, B, Hkv, S, D].
 3. Prefill: the uncached suffixes go through `prefill_chunk` T tokens at a time.
 4. Decode: `decode_step` feeds each sampled token back until every row has stopped.
 5. The cache is scattered back into the pool, and each session records its tokens.
@@ -297,7 +297,7 @@ class Generator:
         B = bucket(n, self.batch_buckets)
         S = bucket(max(len(r.req.prompt) + r.req.max_tokens for r in rows), self.seq_buckets)
         table = self.pool.table([r.key for r in rows], B, S)
-        k, v = self.pool.gather(table)  # Step 2: [L, B, S, Hkv, D]
+        k, v = self.pool.gather(table)  # Step 2: [L, B, Hkv, S, D]
 
         # Step 3: prefill the uncached suffixes, chunk by chunk.
         pos = np.zeros(B, np.int32)

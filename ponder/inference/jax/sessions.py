@@ -8,7 +8,7 @@ Why pages rather than one array per session or one max-length slot per session: 
 allocation whose size is the byte cap, a session costs its length rounded up to a page (not the
 longest context), and moving rows between the pool and a batch is one gather and one scatter
 whose shapes depend only on the batch's (B, S) bucket, so they compile once per bucket. The
-decoder itself runs on a contiguous [L, B, S, Hkv, D] batch cache gathered from the pages at the
+decoder itself runs on a contiguous [L, B, Hkv, S, D] batch cache gathered from the pages at the
 start of a round and scattered back at its end (one copy each way per engine call, not per step).
 
 Matching. A prompt reuses the longest common prefix of its tokens and the session's cached
@@ -79,16 +79,17 @@ class Session:
 
 
 def _gather(pool, table):
-    # table: int32 [B, S/P] -> [L, B, S, Hkv, D]
+    # table: int32 [B, S/P] -> [L, B, Hkv, S, D], the decoder's layout
     L, _, P, H, D = pool.shape
     B, n = table.shape
-    return pool[:, table].reshape(L, B, n * P, H, D)
+    return pool[:, table].reshape(L, B, n * P, H, D).transpose(0, 1, 3, 2, 4)
 
 
 def _scatter(pool, table, cache):
-    # cache: [L, B, S, Hkv, D] -> pool with the table's pages overwritten
-    L, B, S, H, D = cache.shape
-    return pool.at[:, table].set(cache.reshape(L, B, S // pool.shape[2], pool.shape[2], H, D))
+    # cache: [L, B, Hkv, S, D] -> pool with the table's pages overwritten
+    L, B, H, S, D = cache.shape
+    pages = cache.transpose(0, 1, 3, 2, 4).reshape(L, B, S // pool.shape[2], pool.shape[2], H, D)
+    return pool.at[:, table].set(pages)
 
 
 def _read(pool, idx):
@@ -208,7 +209,7 @@ class SessionPool:
         return t
 
     def gather(self, table: np.ndarray):
-        """The batch caches K, V [L, B, S, Hkv, D] for a table."""
+        """The batch caches K, V [L, B, Hkv, S, D] for a table."""
         return gather(self.k, table), gather(self.v, table)
 
     def scatter(self, table: np.ndarray, k, v) -> None:
