@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ponder.inference.engine import Engine
@@ -88,8 +88,6 @@ class Pipeline:
 
     def context_policy(self) -> ContextPolicy:
         if self.instructions and self.instructions != self.context.instructions:
-            from dataclasses import replace
-
             return replace(self.context, instructions=self.instructions)
         return self.context
 
@@ -104,7 +102,6 @@ class Pipeline:
             if t.name not in built:
                 built[t.name] = build_engine(t.engine, tier=t, rules=self.reflex, default_action=self.actions[0])
         return logic, Decoder(self.key, self.time, self.schema), built
-
 
     def worker(self, source, sink, *, engines: dict[str, Engine] | None = None, store=None,
                progress: Callable[[RunStats], None] | None = None, **kw) -> Worker:
