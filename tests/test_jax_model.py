@@ -192,6 +192,24 @@ def test_incremental_prefill_equals_full(llama_dir):
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)
 
 
+def test_bfloat16_decode_matches_bfloat16_prefill(ckpt):
+    """Decode (T = 1) has its own attention kernel (row accumulation, not a dot): in bf16 it
+    must agree with the prefill kernel to within bf16 rounding and pick the same tokens."""
+    path, _, cfg, _ = ckpt
+    _, params = checkpoint.load(path, dtype="bfloat16")
+    tokens = _prompt(cfg, 24, seed=4)
+    full = _ours(params, cfg, tokens)[0, 16:]
+    k, v = model.init_cache(cfg, 1, S, jnp.bfloat16)
+    _, k, v = FORWARD(params, cfg, jnp.asarray(tokens[:, :16]), jnp.array([0]), k, v)
+    steps = []
+    for pos in range(16, 24):
+        logits, k, v = FORWARD(params, cfg, jnp.asarray(tokens[:, pos : pos + 1]), jnp.array([pos]), k, v)
+        steps.append(np.asarray(logits)[0, 0])
+    steps = np.stack(steps)
+    assert np.abs(steps - full).max() < 0.02 * np.abs(full).max()
+    assert (steps.argmax(-1) == full.argmax(-1)).all()
+
+
 def test_batched_right_padded_equals_unbatched(qwen2_dir):
     """Two rows of different lengths and starts, right-padded with junk, in two calls."""
     cfg, params = checkpoint.load(qwen2_dir)
@@ -221,8 +239,9 @@ def test_writes_past_the_cache_are_dropped(llama_dir):
     k, v = model.init_cache(cfg, 1, S)
     tokens = jnp.asarray(_prompt(cfg, 7))
     _, k, v = FORWARD(params, cfg, tokens, jnp.array([S - 3]), k, v)  # 3 slots left for 7 tokens
-    k = np.asarray(k)
-    assert np.all(k[:, :, :, : S - 3] == 0) and np.all(k[:, :, :, S - 3 :] != 0)  # [L, B, Hkv, S, D]
+    k, v = np.asarray(k), np.asarray(v)
+    assert np.all(k[..., : S - 3] == 0) and np.all(k[..., S - 3 :] != 0)  # [L, B, Hkv, D, S]
+    assert np.all(v[:, :, :, : S - 3] == 0) and np.all(v[:, :, :, S - 3 :] != 0)  # [L, B, Hkv, S, D]
 
 
 def test_greedy_generation_matches_transformers(ckpt):

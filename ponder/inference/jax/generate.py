@@ -5,7 +5,7 @@ decode step, and a count of every trace.
 session key:
 
 1. The pool matches each prompt against its session's cached tokens and pins its pages.
-2. The rows' pages are gathered into one contiguous cache [L, B, Hkv, S, D].
+2. The rows' pages are gathered into contiguous caches (K [L, B, Hkv, D, S], V [L, B, Hkv, S, D]).
 3. Prefill: the uncached suffixes go through `prefill_chunk` T tokens at a time.
 4. Decode: `decode_step` feeds each sampled token back until every row has stopped.
 5. The cache is scattered back into the pool, and each session records its tokens.
@@ -243,11 +243,13 @@ class Generator:
                                               top_ps, mask, **kw)
             pool.scatter(table, k, v)
         if page_moves:  # spill and restore: page counts are rounded up to powers of two
-            L, _, P, H, D = pool.k.shape
             for e in range(math.ceil(math.log2(pool.num_pages)) + 1):
                 idx = np.zeros(2**e, np.int32)
-                read_pages(pool.k, idx)
-                pool.k = write_pages(pool.k, idx, np.zeros((L, 2**e, P, H, D), pool.dtype))
+                for name in ("k", "v"):  # their page shapes differ
+                    arr = getattr(pool, name)
+                    read_pages(arr, idx)
+                    page = (arr.shape[0], 2**e, *arr.shape[2:])
+                    setattr(pool, name, write_pages(arr, idx, np.zeros(page, pool.dtype)))
         jax.block_until_ready(pool.k)
         return self.compiles - before
 
@@ -297,7 +299,7 @@ class Generator:
         B = bucket(n, self.batch_buckets)
         S = bucket(max(len(r.req.prompt) + r.req.max_tokens for r in rows), self.seq_buckets)
         table = self.pool.table([r.key for r in rows], B, S)
-        k, v = self.pool.gather(table)  # Step 2: [L, B, Hkv, S, D]
+        k, v = self.pool.gather(table)  # Step 2
 
         # Step 3: prefill the uncached suffixes, chunk by chunk.
         pos = np.zeros(B, np.int32)

@@ -83,12 +83,15 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def init_cache(cfg: ModelConfig, batch: int, seq_len: int, dtype=jnp.float32):
-    """Zeroed K and V caches, each [L, B, Hkv, S, D].
+    """Zeroed caches: K [L, B, Hkv, D, S] and V [L, B, Hkv, S, D].
 
-    Heads before positions: attention then contracts over contiguous [S, D] blocks, which on
-    XLA CPU avoids transposing the whole cache in every layer (5x faster at batch 32)."""
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, seq_len, cfg.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    Heads before positions, so each (row, head) is one contiguous block and XLA CPU never
+    transposes the cache inside a layer (5x faster at batch 32 than [L, B, S, Hkv, D]). Within
+    a block K is stored transposed: both attention products then run along contiguous rows
+    (q . K is [T, D] @ [D, S]; probs . V is [T, S] @ [S, D]), and a decode step (T = 1) becomes
+    two vectorised accumulations over rows instead of many tiny matmuls (2x faster at batch 32)."""
+    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    return jnp.zeros((L, batch, H, D, seq_len), dtype), jnp.zeros((L, batch, H, seq_len, D), dtype)
 
 
 def rms_norm(x, w, eps: float):
@@ -123,7 +126,7 @@ def decoder(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
     >= S are dropped. Logits of padded tokens are meaningless; read row b's at its last valid t.
     """
     B, T = tokens.shape
-    S = k_cache.shape[3]
+    S = v_cache.shape[3]
     Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     G = Hq // Hkv
     dtype = params["embed"].dtype
@@ -151,15 +154,24 @@ def decoder(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
 
         # advanced indices split by a slice go first: the indexed view is [B, T, Hkv, D], like k
-        k_cache = k_cache.at[i, rows, :, pos].set(k, mode="drop")  # [L, B, Hkv, S, D]
-        v_cache = v_cache.at[i, rows, :, pos].set(v, mode="drop")
-        keys, values = k_cache[i], v_cache[i]  # [B, Hkv, S, D]
+        k_cache = k_cache.at[i, rows, :, :, pos].set(k, mode="drop")  # [L, B, Hkv, D, S]
+        v_cache = v_cache.at[i, rows, :, pos].set(v, mode="drop")  # [L, B, Hkv, S, D]
+        keys, values = k_cache[i], v_cache[i]  # [B, Hkv, D, S], [B, Hkv, S, D]
 
         q = q.reshape(B, T, Hkv, G, D)  # query head h uses kv head h // G, as HF's repeat_kv
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
+        if T == 1:  # decode: multiply-accumulate over rows; a dot per (row, head) is far slower
+            q1 = q[:, 0, :, :, :, None].astype(jnp.float32)  # [B, Hkv, G, D, 1]
+            scores = jnp.sum(q1 * keys[:, :, None], axis=3)[:, :, :, None]  # [B, Hkv, G, 1, S]
+        else:
+            scores = jnp.einsum("btkgd,bkds->bkgts", q, keys, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores / math.sqrt(D), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, Hkv, G, T, S]
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, values).reshape(B, T, Hq * D)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, Hkv, G, T, S] float32
+        if T == 1:  # accumulate in float32, as the einsum's dot does
+            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=3)  # [B, Hkv, G, D]
+            out = out.astype(dtype).reshape(B, T, Hq * D)
+        else:
+            out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(dtype), values)
+            out = out.reshape(B, T, Hq * D)
         x = x + _dense(out, lp["wo"], lp.get("bo"))
 
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -180,7 +192,7 @@ def lm_logits(params: Params, cfg: ModelConfig, x):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
-    """tokens: int32 [B, T], start: int32 [B], caches [L, B, Hkv, S, D] in the compute dtype
+    """tokens: int32 [B, T], start: int32 [B], caches from `init_cache` in the compute dtype
     -> (logits float32 [B, T, V], k_cache, v_cache). See `decoder` for positions and padding.
 
     Jit it with cfg static: `jax.jit(forward, static_argnums=1, donate_argnums=(4, 5))`.

@@ -1,15 +1,15 @@
 """KV sessions: one per stream key, kept in a paged pool on device, spilled to host, then dropped.
 
-Layout. K and V live in two pool arrays [L, N+1, P, Hkv, D], allocated once: N pages of P tokens
-(P = `page_size`, 64 by default) plus page 0, a scratch page that padding reads and writes. A
-session is the list of token ids whose K/V are valid and the pages that hold them, in order.
+Layout. K and V live in two pool arrays, K [L, N+1, Hkv, D, P] and V [L, N+1, Hkv, P, D],
+allocated once: N pages of P tokens (P = `page_size`, 64 by default) plus page 0, a scratch
+page that padding reads and writes. A session is the list of token ids whose K/V are valid and the pages that hold them, in order.
 
 Why pages rather than one array per session or one max-length slot per session: the pool is one
 allocation whose size is the byte cap, a session costs its length rounded up to a page (not the
 longest context), and moving rows between the pool and a batch is one gather and one scatter
 whose shapes depend only on the batch's (B, S) bucket, so they compile once per bucket. The
-decoder itself runs on a contiguous [L, B, Hkv, S, D] batch cache gathered from the pages at the
-start of a round and scattered back at its end (one copy each way per engine call, not per step).
+decoder itself runs on contiguous batch caches (`model.init_cache` layouts) gathered from the
+pages at the start of a round and scattered back at its end (one copy each way per engine call, not per step).
 
 Matching. A prompt reuses the longest common prefix of its tokens and the session's cached
 tokens (at most all but its last token, whose logits the caller needs); from the first token
@@ -68,32 +68,49 @@ class Session:
     key: str
     tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid, position order
     pages: list[int] = field(default_factory=list)  # device pages, when on device
-    host: tuple[np.ndarray, np.ndarray] | None = None  # K, V [L, n, P, Hkv, D], when on host
+    host: tuple[np.ndarray, np.ndarray] | None = None  # K, V pages [L, n, ...], when on host
 
     @property
     def where(self) -> str:
         return "host" if self.host is not None else "device"
 
 
-# --- jitted page moves (pool: [L, N+1, P, Hkv, D]; table/idx entries 0 are the scratch page) ---
+# --- jitted page moves ----------------------------------------------------------------------
+# Pools: K [L, N+1, Hkv, D, P], V [L, N+1, Hkv, P, D] (page index 0 is the scratch page), the
+# decoder's cache layouts cut into pages along S, so a page move copies whole [D, P] / [P, D]
+# blocks and never transposes within one.
 
 
-def _gather(pool, table):
-    # table: int32 [B, S/P] -> [L, B, Hkv, S, D], the decoder's layout
-    L, _, P, H, D = pool.shape
+def _gather_k(pool, table):
+    # table: int32 [B, S/P] -> K [L, B, Hkv, D, S]
+    L, _, H, D, P = pool.shape
     B, n = table.shape
-    return pool[:, table].reshape(L, B, n * P, H, D).transpose(0, 1, 3, 2, 4)
+    return pool[:, table].transpose(0, 1, 3, 4, 2, 5).reshape(L, B, H, D, n * P)
 
 
-def _scatter(pool, table, cache):
-    # cache: [L, B, Hkv, S, D] -> pool with the table's pages overwritten
+def _gather_v(pool, table):
+    # table: int32 [B, S/P] -> V [L, B, Hkv, S, D]
+    L, _, H, P, D = pool.shape
+    B, n = table.shape
+    return pool[:, table].transpose(0, 1, 3, 2, 4, 5).reshape(L, B, H, n * P, D)
+
+
+def _scatter_k(pool, table, cache):
+    # cache: K [L, B, Hkv, D, S] -> pool with the table's pages overwritten
+    L, B, H, D, S = cache.shape
+    P = pool.shape[-1]
+    return pool.at[:, table].set(cache.reshape(L, B, H, D, S // P, P).transpose(0, 1, 4, 2, 3, 5))
+
+
+def _scatter_v(pool, table, cache):
+    # cache: V [L, B, Hkv, S, D] -> pool with the table's pages overwritten
     L, B, H, S, D = cache.shape
-    pages = cache.transpose(0, 1, 3, 2, 4).reshape(L, B, S // pool.shape[2], pool.shape[2], H, D)
-    return pool.at[:, table].set(pages)
+    P = pool.shape[-2]
+    return pool.at[:, table].set(cache.reshape(L, B, H, S // P, P, D).transpose(0, 1, 3, 2, 4, 5))
 
 
 def _read(pool, idx):
-    # idx: int32 [n] -> [L, n, P, Hkv, D]
+    # idx: int32 [n] -> [L, n, ...page]
     return pool[:, idx]
 
 
@@ -101,8 +118,10 @@ def _write(pool, idx, data):
     return pool.at[:, idx].set(data)
 
 
-gather = counted_jit(_gather, "gather")
-scatter = counted_jit(_scatter, "scatter", donate_argnums=0)
+gather_k = counted_jit(_gather_k, "gather")
+gather_v = counted_jit(_gather_v, "gather")
+scatter_k = counted_jit(_scatter_k, "scatter", donate_argnums=0)
+scatter_v = counted_jit(_scatter_v, "scatter", donate_argnums=0)
 read_pages = counted_jit(_read, "read_pages")
 write_pages = counted_jit(_write, "write_pages", donate_argnums=0)
 
@@ -128,7 +147,8 @@ class SessionPool:
         if self.num_pages < 1:
             msg = f"SessionPool: device_bytes={device_bytes} holds no page of {self.page_bytes} bytes"
             raise ValueError(msg)
-        self._shape = (L, self.num_pages + 1, page_size, H, D)
+        self._k_shape = (L, self.num_pages + 1, H, D, page_size)
+        self._v_shape = (L, self.num_pages + 1, H, page_size, D)
         self.k = self.v = None
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._pinned: set[str] = set()
@@ -138,8 +158,8 @@ class SessionPool:
 
     def reset(self) -> None:
         """Forget every session and zero the pool (also the way back from a failed scatter)."""
-        self.k = jnp.zeros(self._shape, self.dtype)
-        self.v = jnp.zeros(self._shape, self.dtype)
+        self.k = jnp.zeros(self._k_shape, self.dtype)
+        self.v = jnp.zeros(self._v_shape, self.dtype)
         self._free = list(range(self.num_pages, 0, -1))  # pop() hands out low pages first
         self._sessions.clear()
         self._pinned.clear()
@@ -209,14 +229,14 @@ class SessionPool:
         return t
 
     def gather(self, table: np.ndarray):
-        """The batch caches K, V [L, B, Hkv, S, D] for a table."""
-        return gather(self.k, table), gather(self.v, table)
+        """The batch caches K [L, B, Hkv, D, S], V [L, B, Hkv, S, D] for a table."""
+        return gather_k(self.k, table), gather_v(self.v, table)
 
     def scatter(self, table: np.ndarray, k, v) -> None:
         """Write the batch caches back into the table's pages."""
         try:
-            self.k = scatter(self.k, table, k)
-            self.v = scatter(self.v, table, v)
+            self.k = scatter_k(self.k, table, k)
+            self.v = scatter_v(self.v, table, v)
         except Exception:
             self.reset()  # the donated pool is gone
             raise
