@@ -12,6 +12,11 @@ run of the same shapes (the warm-up), so compile time is excluded and counted se
   nominal context is 8192; the N = 8192 row runs at 8225 positions (RoPE does not care).
 * **decode tokens/s** at batch 1, 8, 32 (`small`, 128-token prompts, 64 new tokens, EOS
   ignored): B * 63 / (time for 64 tokens - time for 1). Target: batch 32 >= 8x batch 1.
+* **continuous vs static batching** (`small`, `--mixed` requests of 64-token prompts whose
+  lengths are spread over 8..96 new tokens, EOS ignored, all queued at once, max batch 16):
+  one `Generator.serve` in which a request takes a slot as soon as one frees, against
+  `generate` on 16 requests at a time (each group waits for its longest row). Tokens/s and the
+  mean time for a request to be answered, measured from when all were queued.
 * **recompiles after warm-up**: traces of the jitted functions during all timed runs. Target: 0.
 * **0.5B shape** (`qwen2.5-0.5b-shape`, bf16 and f32): time to first token for a
   `--big-prompt`-token prompt (default 256 on CPU, 2048 on an accelerator) and batch-1 decode
@@ -146,6 +151,51 @@ def decode_rate(preset: str, batches: list[int], prompt: int, tokens: int, repea
     return rows, recompiles
 
 
+def mixed_workload(preset: str, n: int, max_batch: int, prompt: int, repeat: int, seed: int) -> dict:
+    """Continuous vs static batching on one queue of mixed-length requests (see the docstring)."""
+    cfg = PRESETS[preset]
+    params = init_params(cfg, seed, "float32")
+    rng = np.random.default_rng(seed + 1)
+    lengths = [int(m) for m in rng.integers(8, 97, n)]
+    prompts = [_ids(rng, prompt, cfg.vocab_size) for _ in range(n)]
+    gen = Generator(cfg, params, max_batch=max_batch, max_seq_len=prompt + 96 + 64,
+                    device_bytes=2 * max_batch * (prompt + 160) * _kv_bytes_per_token(cfg, 4))
+
+    def reqs() -> list[GenRequest]:
+        return [GenRequest(None, p, m, ignore_eos=True) for p, m in zip(prompts, lengths)]
+
+    def static() -> tuple[float, list[float]]:
+        t0, answered = time.perf_counter(), []
+        todo = reqs()
+        for i in range(0, n, max_batch):
+            gen.generate(todo[i : i + max_batch])
+            answered += [time.perf_counter() - t0] * len(todo[i : i + max_batch])
+        return time.perf_counter() - t0, answered
+
+    def continuous() -> tuple[float, list[float]]:
+        t0, answered, todo = time.perf_counter(), [], [list(enumerate(reqs()))]
+        gen.serve(lambda: todo.pop() if todo else [], lambda i, r: answered.append(time.perf_counter() - t0))
+        return time.perf_counter() - t0, answered
+
+    static(), continuous()  # warm-up: every shape both modes use
+    before = _traces()
+    runs: dict[str, list] = {"static": [], "continuous": []}
+    for _ in range(repeat):
+        for name, fn in (("static", static), ("continuous", continuous)):
+            runs[name].append(fn())
+    tokens = sum(lengths)
+    out: dict[str, Any] = {"requests": n, "max_batch": max_batch, "prompt": prompt, "tokens": tokens,
+                           "recompiles": _traces() - before}
+    for name, rs in runs.items():
+        total = statistics.median(t for t, _ in rs)
+        out[name] = {"total_s": total, "tok_s": tokens / total,
+                     "mean_latency_s": statistics.median(statistics.mean(a) for _, a in rs),
+                     "runs_s": [t for t, _ in rs]}
+    out["throughput_ratio"] = out["continuous"]["tok_s"] / out["static"]["tok_s"]
+    out["latency_ratio"] = out["static"]["mean_latency_s"] / out["continuous"]["mean_latency_s"]
+    return out
+
+
 def _kv_bytes_per_token(cfg, itemsize: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
@@ -182,6 +232,13 @@ def table(result: dict) -> str:
     for r in result["decode"]:
         lines.append(f"| decode tokens/s, batch {r['batch']} ({result['preset']}) | {r['decode_tok_s']:,.0f} "
                      f"({r['decode_tok_s'] / d1:.1f}x batch 1; {r['step_ms']:.1f} ms/step) |")
+    m = result.get("mixed")
+    if m:
+        for name in ("static", "continuous"):
+            lines.append(f"| {m['requests']} mixed-length requests, {name} batching (max {m['max_batch']}) | "
+                         f"{m[name]['tok_s']:,.0f} tokens/s, mean answer {m[name]['mean_latency_s']:.2f} s |")
+        lines.append(f"| continuous / static | **{m['throughput_ratio']:.2f}x** tokens/s, "
+                     f"**{m['latency_ratio']:.2f}x** sooner on average |")
     lines.append(f"| recompiles after warm-up | **{result['recompiles_after_warmup']}** "
                  f"(warm-up traced {result['compiles_warmup']}) |")
     lines.append(f"| memory bandwidth (device copy) | {result['bandwidth_gbps']:.1f} GB/s |")
@@ -202,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--mixed", type=int, default=64, help="requests in the continuous-batching run (0: skip)")
     ap.add_argument("--big-preset", default="qwen2.5-0.5b-shape")
     ap.add_argument("--big-prompt", type=int, default=None, help="[default: 256 on CPU, 2048 elsewhere]")
     ap.add_argument("--big-tokens", type=int, default=None, help="[default: 16 on CPU, 128 elsewhere]")
@@ -221,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.quick:
         a.preset, a.cached, a.batches, a.big_preset = "tiny", [128, 256], [1, 4], "tiny"
         a.decode_prompt, a.decode_tokens, a.repeat, a.big_prompt, a.big_tokens = 32, 8, 1, 32, 8
+        a.mixed = min(a.mixed, 12)
     cpu = backend == "cpu"
     a.big_prompt = a.big_prompt or (256 if cpu else 2048)
     a.big_tokens = a.big_tokens or (16 if cpu else 128)
@@ -240,7 +299,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     decode, rc_decode = decode_rate(a.preset, a.batches, a.decode_prompt, a.decode_tokens, a.repeat, a.seed)
     say(json.dumps(decode))
     gc.collect()
-    recompiles = rc_prefix + rc_decode
+    mixed = None
+    if a.mixed:
+        say(f"continuous vs static batching, {a.mixed} requests ...")
+        mixed = mixed_workload(a.preset, a.mixed, 4 if a.quick else 16, 32 if a.quick else 64, a.repeat, a.seed)
+        say(json.dumps(mixed))
+        gc.collect()
+    recompiles = rc_prefix + rc_decode + (mixed["recompiles"] if mixed else 0)
     compiles = _traces() - c0 - recompiles
     say(f"{a.big_preset} at {a.dtypes} ...")
     big = [] if a.no_big else big_model(a.big_preset, a.dtypes, a.big_prompt, a.big_tokens,
@@ -250,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(), "jax": jax.__version__, "backend": backend,
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
         "preset": a.preset, "params": PRESETS[a.preset].num_params, "repeat": a.repeat,
-        "bandwidth_gbps": bw, "prefix": prefix, "decode": decode,
+        "bandwidth_gbps": bw, "prefix": prefix, "decode": decode, "mixed": mixed,
         "compiles_warmup": compiles, "recompiles_after_warmup": recompiles + sum(r["recompiles"] for r in big),
         "big_preset": a.big_preset, "big": big,
     }

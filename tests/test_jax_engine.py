@@ -184,6 +184,118 @@ def test_batched_equals_unbatched_and_nothing_recompiles(tiny):
     assert gen.compiles == before
 
 
+# -- continuous batching --------------------------------------------------------------------------
+
+
+def _serve(gen: Generator, arrivals):
+    """gen.serve where `arrivals(n)` returns the (tag, request) pairs that arrive once n tokens
+    have been chosen in all -> (finish order [(tag, result, tokens chosen by then)], admissions)."""
+    chosen, order, admits = [0], [], []
+
+    def counted(req: GenRequest) -> GenRequest:
+        req.on_token = lambda t: chosen.__setitem__(0, chosen[0] + 1)
+        return req
+
+    def fetch():
+        return [(tag, counted(r)) for tag, r in arrivals(chosen[0])]
+
+    gen.serve(fetch, lambda tag, res: order.append((tag, res, chosen[0])), admits.append)
+    return order, admits
+
+
+def test_requests_join_the_running_batch_and_finish_first(tiny):
+    gen = make(tiny)
+    gen.warmup(batch_sizes=(1, 4), seq_lens=(128,))
+    before = gen.compiles
+    specs = {"A": (ids(20, 31), 60, 0), "B": (ids(30, 32), 6, 5), "C": (ids(9, 34), 9, 5)}
+    alone = {tag: one(gen, f"solo-{tag}", p, m) for tag, (p, m, _) in specs.items()}
+    sent = set()
+
+    def arrivals(n):
+        due = [(tag, GenRequest(tag, p, m)) for tag, (p, m, at) in specs.items() if n >= at and tag not in sent]
+        sent.update(tag for tag, _ in due)
+        return due
+
+    order, admits = _serve(gen, arrivals)
+    assert [tag for tag, _, _ in order] == ["B", "C", "A"]  # static batching would finish A first
+    assert admits == [1, 2]  # B and C joined together, into two of A's batch's free slots
+    assert order[1][2] < 60  # B and C were answered while A still had tokens to go
+    res = {tag: r for tag, r, _ in order}
+    for tag, r in res.items():
+        assert r.tokens == alone[tag].tokens, tag
+        np.testing.assert_allclose(r.logprobs, alone[tag].logprobs, atol=1e-4)
+        assert (r.prompt_tokens, r.cached_tokens) == (len(specs[tag][0]), 0)
+    assert gen.compiles == before
+
+
+def test_a_session_waits_for_its_running_request_then_reuses_its_cache(tiny):
+    gen = make(tiny)
+    p = ids(40, 33)
+    first = one(gen, "ref", p, 10).tokens
+    follow = p + first + [7]
+    sent = []
+
+    def arrivals(n):
+        due = []
+        if not sent:
+            due = [("one", GenRequest("s", p, 10))]
+        elif len(sent) == 1 and n >= 3:  # the same session, while its first request decodes
+            due = [("two", GenRequest("s", follow, 4))]
+        sent.extend(due)
+        return due
+
+    order, admits = _serve(gen, arrivals)
+    assert [tag for tag, _, _ in order] == ["one", "two"] and admits == [1, 1]
+    one_res, two_res = order[0][1], order[1][1]
+    assert one_res.tokens == first
+    # every token of the first answer but its last was fed back, so all of that is cached
+    assert two_res.cached_tokens == len(p) + len(first) - 1
+    assert two_res.tokens == one(gen, "cold", follow, 4).tokens
+
+
+def test_rows_carry_over_when_slots_free_and_the_batch_shrinks(tiny):
+    """Five requests, max_batch 4: the fifth joins when the first finishes; once one row is
+    left the batch shrinks to B=1. Every row, sampled or greedy, equals its run alone."""
+    gen = make(tiny)
+    specs = [(ids(10, 40), 2, 0.0), (ids(25, 41), 3, 0.9), (ids(50, 42), 40, 0.8),
+             (ids(7, 43), 4, 0.0), (ids(33, 44), 5, 0.0)]
+    reqs = [GenRequest(f"r{i}", p, n, temperature=t, seed=100 + i) for i, (p, n, t) in enumerate(specs)]
+    alone = [one(gen, f"alone-{i}", r.prompt, r.max_tokens, temperature=r.temperature, seed=r.seed)
+             for i, r in enumerate(reqs)]
+    shapes = []
+    gather = gen.pool.gather
+    gen.pool.gather = lambda table: (shapes.append(table.shape), gather(table))[1]
+    sent = []
+
+    def arrivals(n):
+        due = [] if sent else list(enumerate(reqs))
+        sent.extend(due)
+        return due
+
+    order, admits = _serve(gen, arrivals)
+    assert admits == [4, 1]
+    assert [tag for tag, _, _ in order] == [0, 1, 3, 4, 2]
+    assert shapes == [(4, 2), (1, 2), (1, 2)]  # the first four, r4 (into r0's slot), shrink to r2
+    for tag, res, _ in order:
+        assert res.tokens == alone[tag].tokens, tag
+        np.testing.assert_allclose(res.logprobs, alone[tag].logprobs, atol=1e-4)
+
+
+def test_a_failing_callback_fails_only_its_batch(tiny):
+    """An exception inside a step answers every row of that batch with the error; rows that
+    were still waiting run afterwards."""
+    gen = make(tiny, max_batch=1, batch_buckets=(1,))
+
+    def boom(t):
+        raise RuntimeError("client callback broke")
+
+    reqs = [GenRequest("x", ids(12, 50), 6, on_token=boom), GenRequest("y", ids(12, 51), 3)]
+    bad, good = gen.generate(reqs)
+    assert bad.finish_reason == "error" and "RuntimeError: client callback broke" in bad.error
+    assert good.error is None and len(good.tokens) == 3
+    assert gen.pool.where("x") is None and gen.pool.where("y") == "device"
+
+
 def test_seeded_sampling_is_reproducible(tiny):
     gen = make(tiny)
     p = ids(40, 7)

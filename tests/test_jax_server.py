@@ -129,6 +129,62 @@ async def test_concurrent_clients_are_batched_together(ckpt, client):
     assert "ponder_model_batch_size_count 1.0" in text and "ponder_model_batch_size_sum 4.0" in text
 
 
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(base.removesuffix("/v1") + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_a_request_joins_a_running_stream_and_a_dropped_stream_stops(server):
+    """Continuous batching over HTTP: a short request sent while a 300-token stream decodes is
+    answered before that stream's last chunk; a stream whose client hangs up stops early."""
+    base = server.url
+    body = {"model": "tiny", "prompt": "pump-3 flow=12.0 falling", "max_tokens": 300, "temperature": 0,
+            "user": "long"}
+    short = {"model": "tiny", "prompt": "pump-4 ok", "max_tokens": 4, "temperature": 0, "user": "short"}
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(timeout=120) as http:
+        full = (await http.post(f"{base}/completions", json=body)).json()
+        assert full["choices"][0]["finish_reason"] == "length"  # it really runs 300 tokens
+        assert full["usage"]["completion_tokens"] == 300
+
+        events: list[tuple[float, str]] = []
+        started = asyncio.Event()
+
+        async def read_stream():
+            async with http.stream("POST", f"{base}/completions", json={**body, "stream": True}) as s:
+                async for line in s.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append((loop.time(), line[6:]))
+                        started.set()
+
+        reader = asyncio.create_task(read_stream())
+        await started.wait()
+        r = await http.post(f"{base}/completions", json=short)
+        answered = loop.time()
+        await reader
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert events[-1][1] == "[DONE]"
+        assert answered < events[-1][0], "the short request waited for the whole stream"
+        text = "".join(json.loads(d)["choices"][0]["text"] for _, d in events[:-1] if json.loads(d)["choices"])
+        assert text == full["choices"][0]["text"]
+
+        before = _metric(base, "ponder_model_completion_tokens_total")
+        async with http.stream("POST", f"{base}/completions", json={**body, "stream": True}) as s:
+            got = 0
+            async for line in s.aiter_lines():
+                got += line.startswith("data: ")
+                if got == 3:
+                    break  # hang up
+        for _ in range(200):  # the row ends at its next token; its usage is counted then
+            after = _metric(base, "ponder_model_completion_tokens_total")
+            if after != before:
+                break
+            await asyncio.sleep(0.05)
+        assert 2 <= after - before < 300
+
+
 def test_bad_requests_are_400(client):
     with pytest.raises(openai.BadRequestError, match="n=1"):
         client.chat.completions.create(model="tiny", messages=MSGS, n=2)

@@ -1,14 +1,21 @@
-"""Batched generation over KV sessions with bucketed shapes: one jitted prefill chunk, one jitted
-decode step, and a count of every trace.
+"""Continuously batched generation over KV sessions with bucketed shapes: one jitted prefill
+chunk, one jitted decode step, and a count of every trace.
 
-`Generator.generate` runs its requests in rounds of at most `max_batch` rows, one row per
-session key:
+`Generator.serve` keeps one batch decoding and lets requests join it between steps (at most
+`max_batch` rows, one row per session key at a time); `generate` serves a fixed list. The batch
+holds contiguous caches (K [L, B, Hkv, D, S], V [L, B, Hkv, S, D]), one slot per row.
 
-1. The pool matches each prompt against its session's cached tokens and pins its pages.
-2. The rows' pages are gathered into contiguous caches (K [L, B, Hkv, D, S], V [L, B, Hkv, S, D]).
-3. Prefill: the uncached suffixes go through `prefill_chunk` T tokens at a time.
-4. Decode: `decode_step` feeds each sampled token back until every row has stopped.
-5. The cache is scattered back into the pool, and each session records its tokens.
+* Decode: `decode_step` feeds every slot's sampled token back and samples the next. A row that
+  stops is answered at once; before the next step its cache row is written back to its
+  session's pages (`scatter_row`), the session records its tokens and is unpinned, and the
+  slot is free.
+* Join: the pool matches each joining prompt against its session's cached tokens and pins its
+  pages; the joining rows are gathered into a batch of their own, their uncached suffixes go
+  through `prefill_chunk` T tokens at a time, and `insert_rows` copies them into free slots.
+  Prefill thus costs only the joining rows, not the whole batch.
+* Lay out again: when joining rows need more slots than are free or a longer cache, or when the
+  live rows fit a batch bucket half the size, the whole batch is scattered back to the pool
+  and gathered again at the new (B, S).
 
 B, T and S are rounded up to buckets (padding rows read and write the pool's scratch page), so
 a warmed-up generator never traces again: `compiles` counts traces (all generators of the
@@ -20,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -119,24 +127,79 @@ def _decode_step(params, cfg: ModelConfig, tok, pos, k, v, seeds, temperature, t
     return nxt, logprob, pos + 1, k, v
 
 
+def _insert(k, v, k_new, v_new, slots):
+    # slots: int32 [Bn], the batch slot of each new row; padding rows name slot B and are dropped
+    return k.at[:, slots].set(k_new, mode="drop"), v.at[:, slots].set(v_new, mode="drop")
+
+
 prefill_chunk = counted_jit(_prefill_chunk, "prefill", static_argnums=1, donate_argnums=(5, 6, 7))
 decode_step = counted_jit(_decode_step, "decode", static_argnums=1, donate_argnums=(4, 5),
                           static_argnames=("n_vocab", "greedy_only"))
 first_token = counted_jit(sample, "sample", static_argnames=("n_vocab", "greedy_only"))
+insert_rows = counted_jit(_insert, "insert", donate_argnums=(0, 1))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
-    i: int  # index into the caller's requests
+    tag: Any  # the caller's handle for this request
     key: str
     req: GenRequest
     cached: int = 0
+    seed: int = 0
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     sampled: int = 0  # tokens of `out` the model chose (the rest closed a constrained answer)
     state: Any = None  # constraint state
     finish: str | None = None
     error: str | None = None
+
+    def result(self) -> GenResult:
+        return GenResult(self.out, self.logprobs, len(self.req.prompt), self.cached,
+                         self.finish or "stop", self.error)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The rows decoding together. Slot b of the caches holds rows[b]; None is a free slot
+    (its cache row is junk, its table row the scratch page). Per-slot sampling settings live
+    on the host (numpy) with device copies in `dev`."""
+
+    rows: list[_Row | None]
+    S: int
+    table: np.ndarray  # [B, S/P] the pages of each slot's session
+    k: Any = None
+    v: Any = None
+    tok: Any = None  # [B] each slot's latest sampled token, not yet taken by its row
+    logprob: Any = None  # [B] its log-probability
+    pos: Any = None  # [B] its position (where its K/V go when it is fed back)
+    seeds: np.ndarray = None  # type: ignore[assignment]
+    temps: np.ndarray = None  # type: ignore[assignment]
+    top_ps: np.ndarray = None  # type: ignore[assignment]
+    dev: tuple = ()
+    greedy_only: bool = True
+
+    @classmethod
+    def empty(cls, B: int, S: int, page_size: int) -> _Batch:
+        return cls([None] * B, S, np.zeros((B, S // page_size), np.int32), tok=np.zeros(B, np.int32),
+                   logprob=np.zeros(B, np.float32), pos=np.zeros(B, np.int32), seeds=np.zeros(B, np.uint32),
+                   temps=np.zeros(B, np.float32), top_ps=np.ones(B, np.float32))
+
+    @property
+    def live(self) -> list[_Row]:
+        return [r for r in self.rows if r is not None and r.finish is None]
+
+    @property
+    def free(self) -> list[int]:
+        return [b for b, r in enumerate(self.rows) if r is None]
+
+    def host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Writable host copies of tok, logprob, pos."""
+        return tuple(np.array(a) for a in (self.tok, self.logprob, self.pos))  # type: ignore[return-value]
+
+    def sync(self) -> None:
+        """After the host-side settings changed: device copies and the greedy-only flag."""
+        self.dev = tuple(jnp.asarray(a) for a in (self.seeds, self.temps, self.top_ps))
+        self.greedy_only = not any(r is not None and r.req.temperature > 0 for r in self.rows)
 
 
 class Generator:
@@ -184,36 +247,56 @@ class Generator:
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         """Continue every prompt; one GenResult per request, in order."""
         results: list[GenResult | None] = [None] * len(requests)
-        pending: list[_Row] = []
-        for i, r in enumerate(requests):
-            n = len(r.prompt)
-            if n == 0 or n >= self.max_seq_len or r.max_tokens < 1:
-                msg = (f"request {i} (session {r.session!r}): a prompt of {n} tokens with max_tokens "
-                       f"{r.max_tokens} does not fit: need 1 <= prompt < {self.max_seq_len} tokens "
-                       f"and max_tokens >= 1")
-                results[i] = GenResult(prompt_tokens=n, finish_reason="error", error=msg)
-                continue
-            if r.max_tokens > self.max_seq_len - n:
-                r = replace(r, max_tokens=self.max_seq_len - n)
-            key = r.session if r.session is not None else f"\0anon-{next(self._anon)}"
-            pending.append(_Row(i, key, r))
+        todo = [list(enumerate(requests))]
 
-        while pending:
-            rows, seen, later = [], set(), []
-            for row in pending:  # a round has one row per session, at most max_batch rows
-                if row.key in seen or len(rows) == self.max_batch:
-                    later.append(row)
-                else:
-                    rows.append(row)
-                    seen.add(row.key)
-            rows, deferred = self._acquire(rows)
-            if rows and rows[0].finish is None:
-                self._round(rows)
-            for row in rows:
-                results[row.i] = GenResult(row.out, row.logprobs, len(row.req.prompt), row.cached,
-                                           row.finish or "stop", row.error)
-            pending = deferred + later
+        def done(i: int, res: GenResult) -> None:
+            results[i] = res
+
+        self.serve(lambda: todo.pop() if todo else [], done)
         return results  # type: ignore[return-value]
+
+    def serve(self, fetch: Callable[[], Sequence[tuple[Any, GenRequest]]],
+              done: Callable[[Any, GenResult], None],
+              on_admit: Callable[[int], None] | None = None) -> None:
+        """Continuous batching, until nothing is left to run.
+
+        `fetch()` returns the (tag, request) pairs that arrived since its last call, without
+        blocking; it is called before every decode step, and new rows join the running batch
+        (one row per session at a time, at most `max_batch`). `done(tag, result)` is called as
+        each request finishes, from this thread. `on_admit(n)` hears how many rows joined
+        together. Returns once every request fetched has been answered.
+        """
+        waiting: deque[_Row] = deque()
+        batch: _Batch | None = None
+        while True:
+            for tag, req in fetch():
+                row = self._row(tag, req)
+                if row.finish:
+                    done(row.tag, row.result())
+                else:
+                    waiting.append(row)
+            admit: list[_Row] = []
+            running = [r for r in batch.rows if r is not None] if batch else []
+            try:
+                if batch is not None:
+                    self._retire(batch)
+                    if not batch.live:
+                        batch = None
+                live = batch.live if batch else []
+                admit = self._pick(waiting, live)
+                if admit:
+                    batch = self._admit(batch, admit, waiting, done, on_admit)
+                elif batch is not None and bucket(len(live), self.batch_buckets) < len(batch.rows):
+                    batch = self._relayout(batch, len(live), batch.S)  # shrink
+                if batch is None:
+                    if waiting:
+                        continue
+                    return
+                running = [r for r in batch.rows if r is not None]
+                self._step(batch, done)
+            except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
+                self._fail(running + [r for r in admit if r not in waiting], e, done)
+                batch = None
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None,
                chunk_lens: Sequence[int] | None = None, sampling: Sequence[bool] = (False,),
@@ -226,6 +309,8 @@ class Generator:
         Bs = {bucket(b, self.batch_buckets) for b in (batch_sizes or self.batch_buckets)}
         Ss = {bucket(s, self.seq_buckets) for s in (seq_lens or [s for s in self.seq_buckets if s <= 1024])}
         V, pool = self.cfg.vocab_size, self.pool
+        # rows join a batch of B in a batch of their own, of any bucket up to B
+        Bs = {b for b in self.batch_buckets if b <= max(Bs)}
         for B, S in itertools.product(sorted(Bs), sorted(Ss)):
             table = np.zeros((B, S // pool.page_size), np.int32)
             k, v = pool.gather(table)
@@ -241,6 +326,10 @@ class Generator:
                 tok, _ = first_token(logits, seeds, zeros, temps, top_ps, mask, **kw)
                 tok, _, _, k, v = decode_step(self.params, self.cfg, tok, zeros, k, v, seeds, temps,
                                               top_ps, mask, **kw)
+            for Bn in (b for b in Bs if b <= B):
+                k_new, v_new = pool.gather(np.zeros((Bn, S // pool.page_size), np.int32))
+                k, v = insert_rows(k, v, k_new, v_new, np.full(Bn, B, np.int32))
+            pool.scatter_row(table[0], k, v, 0)
             pool.scatter(table, k, v)
         if page_moves:  # spill and restore: page counts are rounded up to powers of two
             for e in range(math.ceil(math.log2(pool.num_pages)) + 1):
@@ -253,58 +342,147 @@ class Generator:
         jax.block_until_ready(pool.k)
         return self.compiles - before
 
-    # -- a round ----------------------------------------------------------------------------------
+    # -- admission ------------------------------------------------------------------------------
 
-    def _acquire(self, rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
-        """Pin the rows' sessions -> (rows to run, rows deferred to a later round). A row that
-        finds no room even alone is returned as the round's only row, with its error set."""
+    def _row(self, tag: Any, r: GenRequest) -> _Row:
+        """A row for a request; one that cannot run comes back finished, with its error."""
+        key = r.session if r.session is not None else f"\0anon-{next(self._anon)}"
+        n = len(r.prompt)
+        if n == 0 or n >= self.max_seq_len or r.max_tokens < 1:
+            msg = (f"request {tag} (session {r.session!r}): a prompt of {n} tokens with max_tokens "
+                   f"{r.max_tokens} does not fit: need 1 <= prompt < {self.max_seq_len} tokens "
+                   f"and max_tokens >= 1")
+            return _Row(tag, key, r, finish="error", error=msg)
+        if r.max_tokens > self.max_seq_len - n:
+            r = replace(r, max_tokens=self.max_seq_len - n)
+        seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
+        return _Row(tag, key, r, seed=seed & 0xFFFFFFFF)
+
+    def _pick(self, waiting: deque[_Row], live: list[_Row]) -> list[_Row]:
+        """Take the waiting rows that can join now, first come first served: free slots, and
+        no session twice (a later request of a running session waits for it)."""
+        room = self.max_batch - len(live)
+        busy = {r.key for r in live}
+        picked, kept = [], deque()
+        while waiting:
+            row = waiting.popleft()
+            if len(picked) < room and row.key not in busy:
+                picked.append(row)
+                busy.add(row.key)
+            else:
+                kept.append(row)
+        waiting.extend(kept)
+        return picked
+
+    def _acquire(self, rows: list[_Row], alone: bool) -> tuple[list[_Row], list[_Row]]:
+        """Pin the rows' sessions -> (rows to run, rows deferred). A row that finds no room even
+        alone (`alone`: no other row is running) comes back finished, with its error."""
         ok, deferred = [], []
         for row in rows:
             cap = len(row.req.prompt) + row.req.max_tokens
             try:
                 row.cached = self.pool.acquire(row.key, row.req.prompt, cap)
             except PoolFull as e:
-                if ok or deferred:
+                if ok or deferred or not alone:
                     deferred.append(row)
                     continue
                 row.finish, row.error = "error", str(e)
-                return [row], [r for r in rows if r is not row]
+                ok.append(row)
+                continue
             ok.append(row)
         return ok, deferred
 
-    def _chunks(self, B: int, S: int, chunk_lens: Sequence[int] | None = None) -> list[int]:
-        """Chunk lengths usable at batch B and cache length S (B*T <= prefill_tokens, T <= S)."""
-        ok = [T for T in self.chunk_buckets
-              if T <= S and (B * T <= self.prefill_tokens or T == self.chunk_buckets[0])]
-        if chunk_lens is not None:
-            ok = [T for T in ok if T in {bucket(c, self.chunk_buckets) for c in chunk_lens}]
-        return ok
+    def _retire(self, batch: _Batch) -> None:
+        """Write finished rows back to their sessions and free their slots."""
+        for b, row in enumerate(batch.rows):
+            if row is None or row.finish is None:
+                continue
+            if row.req.session is not None:
+                self.pool.scatter_row(batch.table[b], batch.k, batch.v, b)
+            self._release(row)
+            batch.rows[b] = None
+            batch.table[b] = 0
+            batch.temps[b] = 0.0
 
-    def _round(self, rows: list[_Row]) -> None:
-        try:
-            self._run(rows)
-        except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
-            for row in rows:
-                self.pool.drop(row.key)
-                row.finish, row.error = "error", f"{type(e).__name__}: {e}"
-            return
-        for row in rows:
-            if row.req.session is None:
-                self.pool.drop(row.key)
-            else:  # every sampled token but the last has been fed back through the model
-                self.pool.release(row.key, row.req.prompt + row.out[: max(row.sampled - 1, 0)])
+    def _admit(self, batch: _Batch | None, admit: list[_Row], waiting: deque[_Row],
+               done: Callable[[Any, GenResult], None],
+               on_admit: Callable[[int], None] | None) -> _Batch | None:
+        """Pin the admitted rows' sessions, prefill them in a batch of their own and insert them
+        into free slots, laying the running batch out again first if they do not fit (more
+        rows than free slots, or a longer cache)."""
+        kept = batch.live if batch else []
+        new, deferred = self._acquire(admit, alone=not kept)
+        waiting.extendleft(reversed(deferred))
+        for row in [r for r in new if r.finish]:
+            self.pool.drop(row.key)
+            done(row.tag, row.result())
+        new = [r for r in new if not r.finish]
+        if not new:
+            return batch
+        if on_admit:
+            on_admit(len(new))
+        S = bucket(max(len(r.req.prompt) + r.req.max_tokens for r in kept + new), self.seq_buckets)
+        if batch is not None and (S > batch.S or len(batch.free) < len(new)):
+            batch = self._relayout(batch, len(kept) + len(new), S)
+        S = batch.S if batch is not None else S
 
-    def _run(self, rows: list[_Row]) -> None:
-        n = len(rows)
-        B = bucket(n, self.batch_buckets)
-        S = bucket(max(len(r.req.prompt) + r.req.max_tokens for r in rows), self.seq_buckets)
-        table = self.pool.table([r.key for r in rows], B, S)
-        k, v = self.pool.gather(table)  # Step 2
+        n, Bn = len(new), bucket(len(new), self.batch_buckets)
+        table = self.pool.table([r.key for r in new], Bn, S)
+        k, v = self.pool.gather(table)
+        pos = np.zeros(Bn, np.int32)
+        pos[:n] = [r.cached for r in new]
+        logits, k, v, pos = self._prefill([r.req.prompt[r.cached :] for r in new], pos, k, v, S)
+        seeds, temps, top_ps = np.zeros(Bn, np.uint32), np.zeros(Bn, np.float32), np.ones(Bn, np.float32)
+        for j, r in enumerate(new):
+            seeds[j], temps[j], top_ps[j] = r.seed, r.req.temperature, r.req.top_p
+            if r.req.constraint is not None:
+                r.state = r.req.constraint.start()
+        first, first_lp = first_token(logits, seeds, pos, temps, top_ps, self._mask(new, Bn),
+                                      n_vocab=self.n_vocab, greedy_only=not (temps > 0).any())
+        if batch is None:  # nothing running: the new rows' batch is the batch
+            batch = _Batch.empty(Bn, S, self.pool.page_size)
+            batch.k, batch.v, slots = k, v, list(range(n))
+        else:
+            slots = batch.free[:n]
+            into = np.full(Bn, len(batch.rows), np.int32)  # padding rows go past the end: dropped
+            into[:n] = slots
+            batch.k, batch.v = insert_rows(batch.k, batch.v, k, v, into)
+        tok, lp, bpos = batch.host()
+        first, first_lp = np.asarray(first), np.asarray(first_lp)
+        for j, (b, r) in enumerate(zip(slots, new)):
+            batch.rows[b], batch.table[b] = r, table[j]
+            tok[b], lp[b], bpos[b] = first[j], first_lp[j], pos[j]
+            batch.seeds[b], batch.temps[b], batch.top_ps[b] = seeds[j], temps[j], top_ps[j]
+        batch.tok, batch.logprob, batch.pos = jnp.asarray(tok), jnp.asarray(lp), jnp.asarray(bpos)
+        batch.sync()
+        return batch
 
-        # Step 3: prefill the uncached suffixes, chunk by chunk.
-        pos = np.zeros(B, np.int32)
-        pos[:n] = [r.cached for r in rows]
-        todo = [r.req.prompt[r.cached :] for r in rows] + [[]] * (B - n)
+    def _relayout(self, batch: _Batch | None, n: int, S: int) -> _Batch:
+        """A batch of bucket(n) slots and cache length S whose first slots hold the live rows of
+        `batch` (written back to the pool and gathered again); the rest are free."""
+        fresh = _Batch.empty(bucket(n, self.batch_buckets), S, self.pool.page_size)
+        kept = []
+        if batch is not None:
+            self.pool.scatter(batch.table, batch.k, batch.v)  # free slots point at the scratch page
+            tok, lp, pos = batch.host()
+            for b, row in enumerate(batch.rows):
+                if row is None or row.finish is not None:
+                    continue
+                j = len(kept)
+                kept.append(row)
+                fresh.rows[j] = row
+                fresh.tok[j], fresh.logprob[j], fresh.pos[j] = tok[b], lp[b], pos[b]
+                fresh.seeds[j], fresh.temps[j], fresh.top_ps[j] = batch.seeds[b], batch.temps[b], batch.top_ps[b]
+        fresh.table = self.pool.table([r.key for r in kept], len(fresh.rows), S)
+        fresh.k, fresh.v = self.pool.gather(fresh.table)
+        fresh.sync()
+        return fresh
+
+    def _prefill(self, todo: list[list[int]], pos: np.ndarray, k, v, S: int):
+        """Run rows' uncached suffixes through `prefill_chunk`, chunk by chunk.
+        -> (logits of each row's last token, k, v, positions after the suffixes)."""
+        B = len(pos)
+        todo = todo + [[]] * (B - len(todo))
         chunks = self._chunks(B, S)
         logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
         while any(todo):
@@ -316,38 +494,54 @@ class Generator:
                 todo[b] = t[T:]
             logits, k, v = prefill_chunk(self.params, self.cfg, tokens, pos, n_new, logits, k, v)
             pos = pos + n_new  # not +=: on CPU the running step may still read the old array
+        return logits, k, v, pos
 
-        # Step 4: sample, feed the token back, repeat.
-        seeds = np.zeros(B, np.uint32)
-        temps, top_ps = np.zeros(B, np.float32), np.ones(B, np.float32)
-        for b, r in enumerate(rows):
-            seed = r.req.seed if r.req.seed is not None else int.from_bytes(os.urandom(4), "little")
-            seeds[b], temps[b], top_ps[b] = seed & 0xFFFFFFFF, r.req.temperature, r.req.top_p
-            if r.req.constraint is not None:
-                r.state = r.req.constraint.start()
-        kw = {"n_vocab": self.n_vocab, "greedy_only": not (temps > 0).any()}
-        seeds, temps, top_ps = jnp.asarray(seeds), jnp.asarray(temps), jnp.asarray(top_ps)  # once
-        step = (self.params, self.cfg)
-        tok, logprob = first_token(logits, seeds, pos, temps, top_ps, self._mask(rows, B), **kw)
-        pos = jnp.asarray(pos)  # tok's positions; decode_step returns them + 1
-        while True:
-            ahead, live = None, [r for r in rows if r.finish is None]
-            if all(r.state is None for r in live) and any(len(r.out) + 1 < r.req.max_tokens for r in live):
-                # no constraint waits on this token and some row goes on: queue the next step
-                # before reading this one, so the device never idles on the host
-                ahead = decode_step(*step, tok, pos, k, v, seeds, temps, top_ps, None, **kw)
-            for row, t, lp in zip(rows, np.asarray(tok).tolist(), np.asarray(logprob).tolist()):
-                if row.finish is None:
-                    self._accept(row, t, lp)
-            if ahead is None and not all(r.finish for r in rows):
-                mask = self._mask(rows, B)
-                ahead = decode_step(*step, tok, pos, k, v, seeds, temps, top_ps, mask, **kw)
-            if ahead is not None:
-                tok, logprob, pos, k, v = ahead  # k, v were donated to the step
-            if all(r.finish for r in rows):
-                break
+    # -- decoding -------------------------------------------------------------------------------
 
-        self.pool.scatter(table, k, v)  # Step 5
+    def _step(self, batch: _Batch, done: Callable[[Any, GenResult], None]) -> None:
+        """Give every live row its pending token and sample the next one."""
+        kw = {"n_vocab": self.n_vocab, "greedy_only": batch.greedy_only}
+        args = batch.dev
+        live = batch.live
+        ahead = None
+        if all(r.state is None for r in live) and any(len(r.out) + 1 < r.req.max_tokens for r in live):
+            # no constraint waits on this token and some row goes on: queue the next step before
+            # reading this one, so the device never idles on the host
+            ahead = decode_step(self.params, self.cfg, batch.tok, batch.pos, batch.k, batch.v,
+                                *args, None, **kw)
+        toks, lps = np.asarray(batch.tok).tolist(), np.asarray(batch.logprob).tolist()
+        for row, t, lp in zip(batch.rows, toks, lps):
+            if row is not None and row.finish is None:
+                self._accept(row, t, lp)
+                if row.finish:
+                    done(row.tag, row.result())
+        if ahead is None and batch.live:
+            mask = self._mask(batch.rows, len(batch.rows))
+            ahead = decode_step(self.params, self.cfg, batch.tok, batch.pos, batch.k, batch.v,
+                                *args, mask, **kw)
+        if ahead is not None:  # batch.k, batch.v were donated to the step
+            batch.tok, batch.logprob, batch.pos, batch.k, batch.v = ahead
+
+    def _release(self, row: _Row) -> None:
+        if row.req.session is None:
+            self.pool.drop(row.key)
+        else:  # every sampled token but the last has been fed back through the model
+            self.pool.release(row.key, row.req.prompt + row.out[: max(row.sampled - 1, 0)])
+
+    def _fail(self, rows: list[_Row], e: Exception, done: Callable[[Any, GenResult], None]) -> None:
+        for row in rows:
+            self.pool.drop(row.key)
+            if row.finish is None:
+                row.finish, row.error = "error", f"{type(e).__name__}: {e}"
+                done(row.tag, row.result())
+
+    def _chunks(self, B: int, S: int, chunk_lens: Sequence[int] | None = None) -> list[int]:
+        """Chunk lengths usable at batch B and cache length S (B*T <= prefill_tokens, T <= S)."""
+        ok = [T for T in self.chunk_buckets
+              if T <= S and (B * T <= self.prefill_tokens or T == self.chunk_buckets[0])]
+        if chunk_lens is not None:
+            ok = [T for T in ok if T in {bucket(c, self.chunk_buckets) for c in chunk_lens}]
+        return ok
 
     def _accept(self, row: _Row, t: int, logprob: float) -> None:
         """Take token t for a row; set row.finish when the row stops."""
@@ -376,9 +570,10 @@ class Generator:
         elif left <= 0:
             row.finish = "length"
 
-    def _mask(self, rows: list[_Row], B: int) -> np.ndarray | None:
+    def _mask(self, rows: Sequence[_Row | None], B: int) -> np.ndarray | None:
         """bool [B, V] of the active constrained rows' allowed tokens; None if there are none."""
-        live = [(b, r) for b, r in enumerate(rows) if r.state is not None and r.finish is None]
+        live = [(b, r) for b, r in enumerate(rows) if r is not None and r.state is not None
+                and r.finish is None]
         if not live:
             return None
         mask = np.ones((B, self.cfg.vocab_size), bool)

@@ -10,20 +10,23 @@ a client that sends its stream key there gets its prefix from cache; `usage` rep
 constrains the output. `n` must be 1; `stop` strings end the output (the stop string is not
 included); `logprobs`, `tools` and penalties are not supported.
 
-Requests from concurrent clients are collected for up to `max_wait_ms` (or until `max_batch`)
-and run as one batch on the engine's worker thread; streamed tokens flow back as they are
-chosen.
+Requests are batched continuously on the engine's worker thread: one that arrives while others
+decode joins them at the next step (up to `max_batch` rows); an idle engine waits `max_wait_ms`
+for a burst to gather. Streamed tokens flow back as they are chosen, and a stream whose client
+goes away ends its row at the next token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from prometheus_client import (
@@ -57,13 +60,20 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 class _Batcher:
-    """Collects requests for up to `max_wait_s` (or `max_batch` of them) and runs them together."""
+    """Feeds requests into the generator's continuous batch (`Generator.serve`, on the engine's
+    thread): a request that arrives while others decode joins them at the next step. When the
+    engine is idle, the first request waits `max_wait_s` for company, so a burst is prefilled
+    together."""
 
     def __init__(self, engine: JaxEngine, max_batch: int, max_wait_s: float):
         self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
-        self.queue: asyncio.Queue[tuple[GenRequest, asyncio.Future]] = asyncio.Queue()
+        self.inbox: deque[tuple[int, GenRequest]] = deque()  # appended here, drained by the engine
+        self.futures: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count()
+        self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.on_batch = None  # callback(list[GenResult], seconds) for metrics
+        self.on_admit = None  # callback(rows that joined together), from the engine's thread
+        self.on_done = None  # callback(GenResult, seconds since submit), on the event loop
 
     def start(self) -> None:
         if self.task is None:
@@ -79,33 +89,49 @@ class _Batcher:
             self.task = None
 
     async def submit(self, req: GenRequest) -> GenResult:
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((req, fut))
-        return await fut
+        i, t0 = next(self.ids), time.perf_counter()
+        fut = self.futures[i] = asyncio.get_running_loop().create_future()
+        self.inbox.append((i, req))
+        self.wake.set()
+        try:
+            res = await fut
+        finally:
+            self.futures.pop(i, None)
+        if self.on_done:
+            self.on_done(res, time.perf_counter() - t0)
+        return res
+
+    def _fetch(self) -> list[tuple[int, GenRequest]]:  # engine thread
+        out = []
+        while self.inbox:
+            out.append(self.inbox.popleft())
+        return out
+
+    def _resolve(self, i: int, res: GenResult) -> None:
+        fut = self.futures.get(i)
+        if fut is not None and not fut.done():
+            fut.set_result(res)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+
+        def done(i: int, res: GenResult) -> None:  # engine thread
+            loop.call_soon_threadsafe(self._resolve, i, res)
+
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch and (left := deadline - loop.time()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
-                    break
-            t0 = time.perf_counter()
+            await self.wake.wait()
+            self.wake.clear()
+            if not self.inbox:
+                continue  # the last serve already took them
+            if len(self.inbox) < self.max_batch:
+                await asyncio.sleep(self.max_wait_s)
             try:
-                results = await self.engine.run(self.engine.generator.generate, [r for r, _ in batch])
-            except Exception as e:  # noqa: BLE001 - every waiter must hear about it
-                for _, fut in batch:
-                    if not fut.done():
+                await self.engine.run(self.engine.generator.serve, self._fetch, done, self.on_admit)
+            except Exception as e:  # noqa: BLE001 - serve answers batch failures itself; this is worse
+                queued = {i for i, _ in self.inbox}
+                for i, fut in list(self.futures.items()):
+                    if i not in queued and not fut.done():
                         fut.set_exception(e)
-                continue
-            if self.on_batch:
-                self.on_batch(results, time.perf_counter() - t0)
-            for (_, fut), res in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(res)
 
 
 class _Metrics:
@@ -115,18 +141,17 @@ class _Metrics:
         self.prompt = Counter("ponder_model_prompt_tokens", "prompt tokens", registry=r)
         self.cached = Counter("ponder_model_cached_prompt_tokens", "prompt tokens served from a session", registry=r)
         self.completion = Counter("ponder_model_completion_tokens", "generated tokens", registry=r)
-        self.batch = Histogram("ponder_model_batch_size", "requests per batch", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.batch_s = Histogram("ponder_model_batch_seconds", "time to run one batch", registry=r)
+        self.batch = Histogram("ponder_model_batch_size", "requests that joined the batch together",
+                               registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.latency = Histogram("ponder_model_request_seconds", "from submit to the last token",
+                                 registry=r)
         r.register(_PoolCollector(engine))
 
-    def on_batch(self, results: list[GenResult], seconds: float) -> None:
-        self.batch.observe(len(results))
-        self.batch_s.observe(seconds)
-        for res in results:
-            self.prompt.inc(res.prompt_tokens)
-            self.cached.inc(res.cached_tokens)
-            self.completion.inc(len(res.tokens))
+    def on_done(self, res: GenResult, seconds: float) -> None:
+        self.latency.observe(seconds)
+        self.prompt.inc(res.prompt_tokens)
+        self.cached.inc(res.cached_tokens)
+        self.completion.inc(len(res.tokens))
 
 
 class _PoolCollector:
@@ -255,7 +280,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
     """The ASGI app. Its lifespan starts the engine (loading the model) and the batcher."""
     metrics = _Metrics(engine)
     batcher = _Batcher(engine, engine.max_batch, max_wait_ms / 1000)
-    batcher.on_batch = metrics.on_batch
+    batcher.on_admit, batcher.on_done = metrics.batch.observe, metrics.on_done
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -314,10 +339,11 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         stopper = _stopper(engine, call.stop) if call.stop else None
+        gone = threading.Event()  # the client went away: stop spending the batch on it
 
         def on_token(t: int) -> bool:  # on the engine's thread
             loop.call_soon_threadsafe(tokens.put_nowait, t)
-            return stopper(t) if stopper else False
+            return gone.is_set() or (stopper(t) if stopper else False)
 
         call.req.on_token = on_token
         task = asyncio.ensure_future(batcher.submit(call.req))
@@ -332,36 +358,39 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
-        if call.chat:
-            first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None, "logprobs": None}]}
-            yield f"data: {json.dumps(first)}\n\n"
-        ids: list[int] = []
-        sent, hold = "", max((len(s) for s in call.stop), default=1) - 1
-        while (t := await tokens.get()) is not None:
-            ids.append(t)
-            text, stopped = _cut(engine.decode(ids), call.stop)
-            if not stopped:  # hold back what could still become a stop string or a UTF-8 char
-                text = text[: len(text) - hold] if hold else text
-                text = text.rstrip("\ufffd")
+        try:
+            if call.chat:
+                first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None, "logprobs": None}]}
+                yield f"data: {json.dumps(first)}\n\n"
+            ids: list[int] = []
+            sent, hold = "", max((len(s) for s in call.stop), default=1) - 1
+            while (t := await tokens.get()) is not None:
+                ids.append(t)
+                text, stopped = _cut(engine.decode(ids), call.stop)
+                if not stopped:  # hold back what could still become a stop string or a UTF-8 char
+                    text = text[: len(text) - hold] if hold else text
+                    text = text.rstrip("\ufffd")
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield chunk(text[len(sent) :])
+                    sent = text
+            try:
+                res = task.result()
+            except Exception as e:  # noqa: BLE001
+                res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
+            if res.error:
+                yield f"data: {json.dumps({'error': {'message': res.error, 'type': 'server_error'}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            text, stopped = _cut(engine.decode(res.tokens), call.stop)
             if len(text) > len(sent) and text.startswith(sent):
                 yield chunk(text[len(sent) :])
-                sent = text
-        try:
-            res = task.result()
-        except Exception as e:  # noqa: BLE001
-            res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
-        if res.error:
-            yield f"data: {json.dumps({'error': {'message': res.error, 'type': 'server_error'}})}\n\n"
+            yield chunk(None, "stop" if stopped else res.finish_reason)
+            if call.include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(res)})}\n\n"
             yield "data: [DONE]\n\n"
-            return
-        text, stopped = _cut(engine.decode(res.tokens), call.stop)
-        if len(text) > len(sent) and text.startswith(sent):
-            yield chunk(text[len(sent) :])
-        yield chunk(None, "stop" if stopped else res.finish_reason)
-        if call.include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(res)})}\n\n"
-        yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects mid-stream
+            gone.set()
 
     async def chat(request: HttpRequest):
         return await generate(request, True)

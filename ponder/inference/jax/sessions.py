@@ -109,6 +109,13 @@ def _scatter_v(pool, table, cache):
     return pool.at[:, table].set(cache.reshape(L, B, H, S // P, P, D).transpose(0, 1, 3, 2, 4, 5))
 
 
+def _scatter_row(pool_k, pool_v, pages, k, v, slot):
+    # pages: int32 [S/P] of the row in batch slot `slot` -> both pools with those pages overwritten
+    row_k = jax.lax.dynamic_index_in_dim(k, slot, axis=1)  # [L, 1, Hkv, D, S]
+    row_v = jax.lax.dynamic_index_in_dim(v, slot, axis=1)
+    return _scatter_k(pool_k, pages[None], row_k), _scatter_v(pool_v, pages[None], row_v)
+
+
 def _read(pool, idx):
     # idx: int32 [n] -> [L, n, ...page]
     return pool[:, idx]
@@ -122,6 +129,7 @@ gather_k = counted_jit(_gather_k, "gather")
 gather_v = counted_jit(_gather_v, "gather")
 scatter_k = counted_jit(_scatter_k, "scatter", donate_argnums=0)
 scatter_v = counted_jit(_scatter_v, "scatter", donate_argnums=0)
+scatter_row = counted_jit(_scatter_row, "scatter_row", donate_argnums=(0, 1))
 read_pages = counted_jit(_read, "read_pages")
 write_pages = counted_jit(_write, "write_pages", donate_argnums=0)
 
@@ -239,6 +247,14 @@ class SessionPool:
             self.v = scatter_v(self.v, table, v)
         except Exception:
             self.reset()  # the donated pool is gone
+            raise
+
+    def scatter_row(self, pages: np.ndarray, k, v, slot: int) -> None:
+        """Write one row of the batch caches (slot `slot`, pages `pages`) back into the pool."""
+        try:
+            self.k, self.v = scatter_row(self.k, self.v, pages, k, v, np.int32(slot))
+        except Exception:
+            self.reset()
             raise
 
     def release(self, key: str, tokens: list[int]) -> None:
