@@ -216,6 +216,34 @@ async def test_openai_engine_against_the_server_equals_jax_engine(server, ckpt):
         await remote.stop()
 
 
+async def test_overlapping_jax_engine_calls_share_one_running_batch(ckpt):
+    """In process too: a call made while another decodes joins its batch and returns first,
+    with the answer it gets alone."""
+    eng = JaxEngine(ckpt, **KW)
+    admits: list[int] = []
+    eng.feed.on_admit = admits.append
+
+    def unconstrained(session: str, line: str, n: int) -> Request:
+        return Request(session, HEAD + f"\n<data key={session}>\n{line}\n", "</data>\n", n, ACTIONS, {})
+
+    try:
+        (long_alone,) = await eng.generate([unconstrained("ov-solo", "- pump 3 hot", 150)])
+        assert long_alone.finish_reason == "length" and long_alone.usage.completion_tokens == 150
+        (short_alone,) = await eng.generate([unconstrained("ov-solo2", "- pump 4 ok", 4)])
+        admits.clear()
+
+        first = asyncio.create_task(eng.generate([unconstrained("ov-long", "- pump 3 hot", 150)]))
+        while not admits:
+            await asyncio.sleep(0.001)
+        (short,) = await eng.generate([unconstrained("ov-short", "- pump 4 ok", 4)])
+        assert not first.done(), "the second call waited for the first"
+        (long,) = await first
+    finally:
+        await eng.stop()
+    assert admits == [1, 1]
+    assert short.text == short_alone.text and long.text == long_alone.text
+
+
 async def test_jax_engine_as_a_pipeline_edge_tier(ckpt):
     assert isinstance(build_engine(f"jax:{ckpt}"), JaxEngine)
     with pytest.raises(ValueError, match="jax:PATH"):

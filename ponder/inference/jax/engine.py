@@ -11,14 +11,19 @@ checkpoint's own chat template, so a Request gives the same token ids in process
 Each request's `session` (its stream key) selects a KV session, so a key's stable prefix is
 computed once and each call prefills only what changed (see sessions.py); `request.schema`
 constrains the answer to that JSON Schema (see constrain.py). The blocking JAX work runs on one
-worker thread, so the event loop stays free and calls are served one batch at a time.
+worker thread, so the event loop stays free. Every request, from `generate` or from the server,
+goes through one `Feed` into the generator's continuous batch: rows of a call that arrives
+while another decodes join it at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,16 +46,96 @@ def chat_messages(prefix: str, tail: str) -> list[dict[str, str]]:
             {"role": "user", "content": prefix[i + 1 :] + tail}]
 
 
+class Feed:
+    """Feeds requests into `Generator.serve` on the engine's thread. `submit` queues a request
+    and waits for its result; while the engine is idle, the first request waits `max_wait_s`
+    for company, so a burst is prefilled together; later ones join the running batch."""
+
+    def __init__(self, engine: JaxEngine, max_batch: int, max_wait_s: float = 0.0):
+        self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
+        self.inbox: deque = deque()  # (id, GenRequest): appended here, drained by the engine
+        self.futures: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count()
+        self.wake: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+        self.on_admit: Callable[[int], None] | None = None  # rows that joined together (engine thread)
+        self.on_done: Callable[[Any, float], None] | None = None  # (GenResult, seconds since submit)
+
+    def start(self) -> None:
+        if self.task is None:
+            self.wake = asyncio.Event()
+            self.task = asyncio.create_task(self._loop(), name="ponder-jax-feed")
+            if self.inbox:
+                self.wake.set()
+
+    async def stop(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, req):
+        """Run one GenRequest in the continuous batch -> its GenResult."""
+        i, t0 = next(self.ids), time.perf_counter()
+        fut = self.futures[i] = asyncio.get_running_loop().create_future()
+        self.inbox.append((i, req))
+        self.start()
+        self.wake.set()
+        try:
+            res = await fut
+        finally:
+            self.futures.pop(i, None)
+        if self.on_done:
+            self.on_done(res, time.perf_counter() - t0)
+        return res
+
+    def _fetch(self) -> list:  # engine thread
+        out = []
+        while self.inbox:
+            out.append(self.inbox.popleft())
+        return out
+
+    def _resolve(self, i: int, res) -> None:
+        fut = self.futures.get(i)
+        if fut is not None and not fut.done():
+            fut.set_result(res)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def done(i: int, res) -> None:  # engine thread
+            loop.call_soon_threadsafe(self._resolve, i, res)
+
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if not self.inbox:
+                continue  # the last serve already took them
+            if len(self.inbox) < self.max_batch:
+                await asyncio.sleep(self.max_wait_s)
+            try:
+                await self.engine.run(self.engine.generator.serve, self._fetch, done, self.on_admit)
+            except Exception as e:  # noqa: BLE001 - serve answers batch failures itself; this is worse
+                queued = {i for i, _ in self.inbox}
+                for i, fut in list(self.futures.items()):
+                    if i not in queued and not fut.done():
+                        fut.set_exception(e)
+
+
 class JaxEngine:
     """A Hugging Face checkpoint directory (Llama, Qwen2, Mistral) run in this process.
 
     :param dtype: compute and KV dtype, float32 or bfloat16.
-    :param max_batch: most requests decoded together; a larger call runs in several rounds.
+    :param max_batch: most requests decoded together; more wait for a free slot.
     :param session_cap_bytes: device memory for KV sessions (allocated at start).
     :param host_cap_bytes: host memory for sessions spilled from the device.
     :param mode: chat (the chat template) or completions (raw prefix + tail).
     :param temperature/top_p/seed: sampling for `generate` (0: greedy).
     :param warmup: trace the usual shapes at start (a dict is passed to Generator.warmup).
+    :param max_wait_ms: how long a request that finds the engine idle waits for others.
     :param generator_kw: more Generator options (buckets, page_size, prefill_tokens, ...).
     """
 
@@ -61,7 +146,7 @@ class JaxEngine:
                  mode: str = "chat", temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, max_seq_len: int | None = None,
                  warmup: bool | dict[str, Any] = False, model_name: str | None = None,
-                 **generator_kw: Any) -> None:
+                 max_wait_ms: float = 0.0, **generator_kw: Any) -> None:
         if mode not in _MODES or dtype not in ("float32", "bfloat16"):
             msg = f"JaxEngine: mode must be one of {_MODES} and dtype float32 or bfloat16"
             raise ValueError(msg)
@@ -74,6 +159,7 @@ class JaxEngine:
         self.generator_kw = generator_kw
         self.cfg = self.tokenizer = self.generator = None
         self._executor: ThreadPoolExecutor | None = None
+        self.feed = Feed(self, max_batch, max_wait_ms / 1000)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -84,6 +170,7 @@ class JaxEngine:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
 
     async def stop(self) -> None:
+        await self.feed.stop()
         ex, self._executor = self._executor, None
         if ex is not None:  # waits for the batch in flight; the model stays loaded
             await asyncio.get_running_loop().run_in_executor(None, ex.shutdown)
@@ -114,12 +201,12 @@ class JaxEngine:
     async def generate(self, requests: Sequence[Request]) -> list[Completion]:
         await self.start()
         try:
-            return await self.run(self._generate, list(requests))
+            return await self._generate(list(requests))
         except Exception as e:
             msg = f"{self.name} engine ({self.path}) failed on a batch of {len(requests)}: {type(e).__name__}: {e}"
             raise EngineError(msg) from e
 
-    def _generate(self, requests: list[Request]) -> list[Completion]:
+    async def _generate(self, requests: list[Request]) -> list[Completion]:
         from .generate import GenRequest
 
         out: list[Completion | None] = [None] * len(requests)
@@ -135,10 +222,16 @@ class JaxEngine:
             batch.append(GenRequest(r.session, prompt, r.max_tokens, self.temperature, self.top_p,
                                     self.seed, constraint))
             where.append(i)
-        for i, res in zip(where, self.generator.generate(batch)):
+        results = await asyncio.gather(*(self.submit(g) for g in batch))
+        for i, res in zip(where, results):
             usage = Usage(res.prompt_tokens, res.cached_tokens, len(res.tokens))
             out[i] = Completion(self.decode(res.tokens), usage, self.model, res.finish_reason, res.error)
         return out  # type: ignore[return-value]
+
+    async def submit(self, req):
+        """One GenRequest through the continuous batch -> its GenResult."""
+        await self.start()
+        return await self.feed.submit(req)
 
     # -- shared with the server -----------------------------------------------------------------
 

@@ -10,9 +10,9 @@ a client that sends its stream key there gets its prefix from cache; `usage` rep
 constrains the output. `n` must be 1; `stop` strings end the output (the stop string is not
 included); `logprobs`, `tools` and penalties are not supported.
 
-Requests are batched continuously on the engine's worker thread: one that arrives while others
-decode joins them at the next step (up to `max_batch` rows); an idle engine waits `max_wait_ms`
-for a burst to gather. Streamed tokens flow back as they are chosen, and a stream whose client
+Requests are batched continuously by the engine (`JaxEngine.submit`): one that arrives while
+others decode joins them at the next step (up to `max_batch` rows); an idle engine waits
+`max_wait_ms` for a burst to gather. Streamed tokens flow back as they are chosen, and a stream whose client
 goes away ends its row at the next token.
 """
 
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import socket
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 from prometheus_client import (
@@ -57,81 +55,6 @@ class BadRequest(ValueError):
 def _error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
-
-
-class _Batcher:
-    """Feeds requests into the generator's continuous batch (`Generator.serve`, on the engine's
-    thread): a request that arrives while others decode joins them at the next step. When the
-    engine is idle, the first request waits `max_wait_s` for company, so a burst is prefilled
-    together."""
-
-    def __init__(self, engine: JaxEngine, max_batch: int, max_wait_s: float):
-        self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
-        self.inbox: deque[tuple[int, GenRequest]] = deque()  # appended here, drained by the engine
-        self.futures: dict[int, asyncio.Future] = {}
-        self.ids = itertools.count()
-        self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.on_admit = None  # callback(rows that joined together), from the engine's thread
-        self.on_done = None  # callback(GenResult, seconds since submit), on the event loop
-
-    def start(self) -> None:
-        if self.task is None:
-            self.task = asyncio.create_task(self._loop(), name="ponder-batcher")
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
-            self.task = None
-
-    async def submit(self, req: GenRequest) -> GenResult:
-        i, t0 = next(self.ids), time.perf_counter()
-        fut = self.futures[i] = asyncio.get_running_loop().create_future()
-        self.inbox.append((i, req))
-        self.wake.set()
-        try:
-            res = await fut
-        finally:
-            self.futures.pop(i, None)
-        if self.on_done:
-            self.on_done(res, time.perf_counter() - t0)
-        return res
-
-    def _fetch(self) -> list[tuple[int, GenRequest]]:  # engine thread
-        out = []
-        while self.inbox:
-            out.append(self.inbox.popleft())
-        return out
-
-    def _resolve(self, i: int, res: GenResult) -> None:
-        fut = self.futures.get(i)
-        if fut is not None and not fut.done():
-            fut.set_result(res)
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def done(i: int, res: GenResult) -> None:  # engine thread
-            loop.call_soon_threadsafe(self._resolve, i, res)
-
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            if not self.inbox:
-                continue  # the last serve already took them
-            if len(self.inbox) < self.max_batch:
-                await asyncio.sleep(self.max_wait_s)
-            try:
-                await self.engine.run(self.engine.generator.serve, self._fetch, done, self.on_admit)
-            except Exception as e:  # noqa: BLE001 - serve answers batch failures itself; this is worse
-                queued = {i for i, _ in self.inbox}
-                for i, fut in list(self.futures.items()):
-                    if i not in queued and not fut.done():
-                        fut.set_exception(e)
 
 
 class _Metrics:
@@ -277,18 +200,16 @@ def _usage(res: GenResult) -> dict[str, Any]:
 
 
 def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
-    """The ASGI app. Its lifespan starts the engine (loading the model) and the batcher."""
+    """The ASGI app. Its lifespan starts the engine (loading the model)."""
     metrics = _Metrics(engine)
-    batcher = _Batcher(engine, engine.max_batch, max_wait_ms / 1000)
-    batcher.on_admit, batcher.on_done = metrics.batch.observe, metrics.on_done
+    engine.feed.max_wait_s = max_wait_ms / 1000
+    engine.feed.on_admit, engine.feed.on_done = metrics.batch.observe, metrics.on_done
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await engine.start()
-        batcher.start()
         yield
-        await batcher.stop()
         await engine.stop()
 
     async def models(request: HttpRequest):
@@ -321,7 +242,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         if call.stop:
             call.req.on_token = _stopper(engine, call.stop)
         try:
-            res = await batcher.submit(call.req)
+            res = await engine.submit(call.req)
         except Exception as e:  # noqa: BLE001 - the whole batch failed
             res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
         if res.error:
@@ -346,7 +267,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
             return gone.is_set() or (stopper(t) if stopper else False)
 
         call.req.on_token = on_token
-        task = asyncio.ensure_future(batcher.submit(call.req))
+        task = asyncio.ensure_future(engine.submit(call.req))
         task.add_done_callback(lambda _: tokens.put_nowait(None))
         head = {**head, "object": "chat.completion.chunk" if call.chat else "text_completion"}
 
