@@ -11,7 +11,8 @@ run of the same shapes (the warm-up), so compile time is excluded and counted se
   prefill that takes over 10 s (N = 8192 on a CPU) is timed once. The preset's
   nominal context is 8192; the N = 8192 row runs at 8225 positions (RoPE does not care).
 * **decode tokens/s** at batch 1, 8, 32 (`small`, 128-token prompts, 64 new tokens, EOS
-  ignored): B * 63 / (time for 64 tokens - time for 1). Target: batch 32 >= 8x batch 1.
+  ignored): B * 63 / (time for 64 tokens - time for 1), batch sizes interleaved within each
+  repeat. Target: batch 32 >= 8x batch 1.
 * **continuous vs static batching** (`small`, `--mixed` requests of 64-token prompts whose
   lengths are spread over 8..96 new tokens, EOS ignored, all queued at once, max batch 16):
   one `Generator.serve` in which a request takes a slot as soon as one frees, against
@@ -129,26 +130,29 @@ def decode_rate(preset: str, batches: list[int], prompt: int, tokens: int, repea
     gen = Generator(cfg, params, max_batch=max(batches), max_seq_len=prompt + tokens + 64,
                     device_bytes=2 * max(batches) * (prompt + tokens + 64) * _kv_bytes_per_token(cfg, itemsize))
     rng = np.random.default_rng(seed)
-    rows, recompiles = [], 0
-    for B in batches:
-        def reqs(n, B=B):
-            return [GenRequest(None, _ids(rng, prompt, cfg.vocab_size), n, ignore_eos=True) for _ in range(B)]
 
-        _timed(gen, reqs(1))  # warm-up: both shapes
-        _timed(gen, reqs(tokens))
-        first, whole = [], []
-        before = _traces()
-        for _ in range(repeat):
-            first.append(_timed(gen, reqs(1))[0])
-            dt, out = _timed(gen, reqs(tokens))
+    def reqs(B: int, n: int) -> list[GenRequest]:
+        return [GenRequest(None, _ids(rng, prompt, cfg.vocab_size), n, ignore_eos=True) for _ in range(B)]
+
+    for B in batches:  # warm-up: both shapes of every batch size
+        _timed(gen, reqs(B, 1))
+        _timed(gen, reqs(B, tokens))
+    first: dict[int, list[float]] = {B: [] for B in batches}
+    whole: dict[int, list[float]] = {B: [] for B in batches}
+    before = _traces()
+    for _ in range(repeat):  # batch sizes interleaved, so the machine's drift hits them alike
+        for B in batches:
+            first[B].append(_timed(gen, reqs(B, 1))[0])
+            dt, out = _timed(gen, reqs(B, tokens))
             assert all(len(r.tokens) == tokens for r in out)
-            whole.append(dt)
-        recompiles += _traces() - before
-        t1, tn = statistics.median(first), statistics.median(whole)
+            whole[B].append(dt)
+    rows = []
+    for B in batches:
+        t1, tn = statistics.median(first[B]), statistics.median(whole[B])
         rows.append({"batch": B, "prompt": prompt, "new_tokens": tokens, "ttft_s": t1, "total_s": tn,
                      "decode_tok_s": B * (tokens - 1) / max(tn - t1, 1e-9),
                      "step_ms": 1000 * (tn - t1) / (tokens - 1)})
-    return rows, recompiles
+    return rows, _traces() - before
 
 
 def mixed_workload(preset: str, n: int, max_batch: int, prompt: int, repeat: int, seed: int) -> dict:
