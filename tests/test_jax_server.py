@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ponder.cli import app
 from ponder.connectors.memory import MemorySink, MemorySource
-from ponder.inference.engine import Engine, Request
+from ponder.inference.engine import Engine, EngineError, Request
 from ponder.inference.jax.engine import JaxEngine, chat_messages
 from ponder.inference.jax.server import ModelServer
 from ponder.inference.openai import OpenAIEngine
@@ -242,6 +242,55 @@ async def test_overlapping_jax_engine_calls_share_one_running_batch(ckpt):
         await eng.stop()
     assert admits == [1, 1]
     assert short.text == short_alone.text and long.text == long_alone.text
+
+
+def _plain(session: str, n: int) -> Request:
+    return Request(session, HEAD + f"\n<data key={session}>\n- reading\n", "</data>\n", n, ACTIONS, {})
+
+
+def test_jax_engine_across_event_loops_and_a_stop(ckpt):
+    """One engine, several asyncio.run calls (the feed restarts on each loop); a call made
+    while it stops is refused with a clear error; after the stop it starts again."""
+    eng = JaxEngine(ckpt, **KW)
+    (a,) = asyncio.run(eng.generate([_plain("loop-1", 4)]))
+    (b,) = asyncio.run(asyncio.wait_for(eng.generate([_plain("loop-2", 4)]), 60))
+    assert a.error is None and b.error is None and b.usage.completion_tokens == 4
+
+    async def during_stop():
+        stopping = asyncio.create_task(eng.stop())
+        await asyncio.sleep(0)
+        with pytest.raises(EngineError, match="is stopping"):
+            await eng.generate([_plain("loop-3", 4)])
+        await stopping
+        (again,) = await eng.generate([_plain("loop-3", 4)])
+        await eng.stop()
+        return again
+
+    assert asyncio.run(during_stop()).error is None
+
+
+async def test_a_caller_that_gives_up_frees_its_row(ckpt):
+    """A caller cancelled mid-decode (asyncio.wait_for does that on a timeout): its row ends at
+    the next step instead of running to max_tokens, and the session is free for a retry."""
+    from ponder.inference.jax.generate import GenRequest
+
+    eng = JaxEngine(ckpt, **KW)
+    chosen = []
+    try:
+        await eng.start()
+        prompt = eng.encode_text("pump-9 vibration rising")
+        caller = asyncio.create_task(eng.submit(GenRequest("gu", prompt, 400, on_token=chosen.append,
+                                                           ignore_eos=True)))
+        while len(chosen) < 5:
+            await asyncio.sleep(0.001)
+        caller.cancel()
+        while "gu" in eng.generator.pool._pinned:
+            await asyncio.sleep(0.001)
+        assert 5 <= len(chosen) < 20, f"the abandoned row chose {len(chosen)} of 400 tokens"
+        (retry,) = await eng.generate([_plain("gu", 4)])
+        assert retry.error is None and retry.usage.completion_tokens == 4
+    finally:
+        await eng.stop()
 
 
 async def test_jax_engine_as_a_pipeline_edge_tier(ckpt):

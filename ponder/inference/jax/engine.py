@@ -19,8 +19,11 @@ while another decodes join it at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -58,27 +61,41 @@ class Feed:
         self.ids = itertools.count()
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        self.answered: set[int] = set()  # ids whose result is on its way (engine thread adds)
+        self.stopping = False
         self.on_admit: Callable[[int], None] | None = None  # rows that joined together (engine thread)
         self.on_done: Callable[[Any, float], None] | None = None  # (GenResult, seconds since submit)
 
     def start(self) -> None:
-        if self.task is None:
-            self.wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.wake = asyncio.Event()  # a new event loop (or a dead task): start over on it
             self.task = asyncio.create_task(self._loop(), name="ponder-jax-feed")
             if self.inbox:
                 self.wake.set()
 
     async def stop(self) -> None:
+        """Stop feeding. Requests not yet handed to the generator are answered with an
+        EngineError; the ones it holds finish (the engine's stop waits for them)."""
         task, self.task = self.task, None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
                 pass
+        while self.inbox:
+            i, _ = self.inbox.popleft()
+            fut = self.futures.get(i)
+            if fut is not None and not fut.done():
+                fut.set_exception(EngineError("the engine stopped before this request ran"))
 
     async def submit(self, req):
         """Run one GenRequest in the continuous batch -> its GenResult."""
+        if self.stopping:
+            raise EngineError("the engine is stopping")
+        if req.cancelled is None:
+            req = dataclasses.replace(req, cancelled=threading.Event())
         i, t0 = next(self.ids), time.perf_counter()
         fut = self.futures[i] = asyncio.get_running_loop().create_future()
         self.inbox.append((i, req))
@@ -86,8 +103,12 @@ class Feed:
         self.wake.set()
         try:
             res = await fut
+        except asyncio.CancelledError:  # the caller gave up (a timeout): free its row
+            req.cancelled.set()
+            raise
         finally:
             self.futures.pop(i, None)
+            self.answered.discard(i)
         if self.on_done:
             self.on_done(res, time.perf_counter() - t0)
         return res
@@ -107,7 +128,9 @@ class Feed:
         loop = asyncio.get_running_loop()
 
         def done(i: int, res) -> None:  # engine thread
-            loop.call_soon_threadsafe(self._resolve, i, res)
+            self.answered.add(i)
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(self._resolve, i, res)
 
         while True:
             await self.wake.wait()
@@ -121,7 +144,7 @@ class Feed:
             except Exception as e:  # noqa: BLE001 - serve answers batch failures itself; this is worse
                 queued = {i for i, _ in self.inbox}
                 for i, fut in list(self.futures.items()):
-                    if i not in queued and not fut.done():
+                    if i not in queued and i not in self.answered and not fut.done():
                         fut.set_exception(e)
 
 
@@ -164,16 +187,24 @@ class JaxEngine:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.feed.stopping:  # a second executor would run the generator beside the first
+            raise EngineError(f"{self.name} engine ({self.path}) is stopping")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="ponder-jax")
         if self.generator is None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
 
     async def stop(self) -> None:
-        await self.feed.stop()
-        ex, self._executor = self._executor, None
-        if ex is not None:  # waits for the batch in flight; the model stays loaded
-            await asyncio.get_running_loop().run_in_executor(None, ex.shutdown)
+        """Answer what is queued with an error, let the running rows finish, release the
+        thread. Calls made meanwhile raise EngineError; after it, the engine can start again."""
+        self.feed.stopping = True
+        try:
+            await self.feed.stop()
+            ex, self._executor = self._executor, None
+            if ex is not None:  # waits for the rows in flight; the model stays loaded
+                await asyncio.get_running_loop().run_in_executor(None, ex.shutdown)
+        finally:
+            self.feed.stopping = False
 
     def load(self) -> None:
         """Read the checkpoint and tokenizer, allocate the session pool, warm up (blocking)."""

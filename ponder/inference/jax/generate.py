@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,8 +50,11 @@ from .sessions import (
     write_pages,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = ["GenRequest", "GenResult", "Generator", "bucket", "length_buckets"]
 
+SHRINK_AFTER = 4  # steps a batch stays oversized before it is laid out smaller
 CLOSE_RESERVE = 16  # constrained rows try to close their JSON once this few tokens are left
 
 
@@ -58,7 +63,9 @@ class GenRequest:
     """One prompt to continue. `session` None: no session (nothing kept afterwards).
     temperature 0 is greedy; `seed` None draws one. `constraint` is a constrain.Constraint.
     `on_token(id)` is called (from the generating thread) for each token as it is chosen; a
-    truthy return ends the row there (finish_reason "stop"), e.g. on a stop string."""
+    truthy return ends the row there (finish_reason "stop"), e.g. on a stop string; an
+    exception it raises ends only this row, with an error. Setting `cancelled` (the caller gave
+    up) drops the request if it is still waiting and ends its row at the next step if not."""
 
     session: str | None
     prompt: list[int]
@@ -69,6 +76,7 @@ class GenRequest:
     constraint: Any = None
     on_token: Callable[[int], Any] | None = None
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    cancelled: threading.Event | None = None
 
 
 @dataclass
@@ -152,6 +160,11 @@ class _Row:
     state: Any = None  # constraint state
     finish: str | None = None
     error: str | None = None
+    deferred: bool = False  # found no pages last time: rows behind it wait
+
+    @property
+    def cancelled(self) -> bool:
+        return self.req.cancelled is not None and self.req.cancelled.is_set()
 
     def result(self) -> GenResult:
         return GenResult(self.out, self.logprobs, len(self.req.prompt), self.cached,
@@ -177,6 +190,7 @@ class _Batch:
     top_ps: np.ndarray = None  # type: ignore[assignment]
     dev: tuple = ()
     greedy_only: bool = True
+    slack: int = 0  # consecutive steps the live rows would have fit a smaller layout
 
     @classmethod
     def empty(cls, B: int, S: int, page_size: int) -> _Batch:
@@ -197,9 +211,11 @@ class _Batch:
         return tuple(np.array(a) for a in (self.tok, self.logprob, self.pos))  # type: ignore[return-value]
 
     def sync(self) -> None:
-        """After the host-side settings changed: device copies and the greedy-only flag."""
-        self.dev = tuple(jnp.asarray(a) for a in (self.seeds, self.temps, self.top_ps))
-        self.greedy_only = not any(r is not None and r.req.temperature > 0 for r in self.rows)
+        """After the host-side settings changed: device copies and the greedy-only flag.
+        Copies, because on CPU a jitted call may read a numpy argument in place, later."""
+        self.dev = tuple(jnp.asarray(a.copy()) for a in (self.seeds, self.temps, self.top_ps))
+        self.greedy_only = not any(r is not None and r.finish is None and r.req.temperature > 0
+                                   for r in self.rows)
 
 
 class Generator:
@@ -268,35 +284,54 @@ class Generator:
         """
         waiting: deque[_Row] = deque()
         batch: _Batch | None = None
-        while True:
-            for tag, req in fetch():
-                row = self._row(tag, req)
-                if row.finish:
-                    done(row.tag, row.result())
-                else:
-                    waiting.append(row)
-            admit: list[_Row] = []
-            running = [r for r in batch.rows if r is not None] if batch else []
+
+        def answer(row: _Row) -> None:
             try:
-                if batch is not None:
-                    self._retire(batch)
-                    if not batch.live:
-                        batch = None
-                live = batch.live if batch else []
-                admit = self._pick(waiting, live)
-                if admit:
-                    batch = self._admit(batch, admit, waiting, done, on_admit)
-                elif batch is not None and bucket(len(live), self.batch_buckets) < len(batch.rows):
-                    batch = self._relayout(batch, len(live), batch.S)  # shrink
-                if batch is None:
-                    if waiting:
-                        continue
-                    return
-                running = [r for r in batch.rows if r is not None]
-                self._step(batch, done)
-            except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
-                self._fail(running + [r for r in admit if r not in waiting], e, done)
-                batch = None
+                done(row.tag, row.result())
+            except Exception:  # a caller's callback must not take the other rows down
+                log.exception("generator: the done callback failed for request %r", row.tag)
+
+        try:
+            while True:
+                for tag, req in fetch():
+                    row = self._row(tag, req)
+                    if row.finish:
+                        answer(row)
+                    else:
+                        waiting.append(row)
+                for row in [r for r in waiting if r.cancelled]:
+                    waiting.remove(row)
+                    row.finish, row.error = "error", "cancelled"
+                    answer(row)
+                admit: list[_Row] = []
+                running = [r for r in batch.rows if r is not None] if batch else []
+                try:
+                    if batch is not None:
+                        self._retire(batch)
+                        if not batch.live:
+                            batch = None
+                    live = batch.live if batch else []
+                    admit = self._pick(waiting, live)
+                    if admit:
+                        batch = self._admit(batch, admit, waiting, answer, on_admit)
+                    elif batch is not None and self._oversized(batch):
+                        cap = max(len(r.req.prompt) + r.req.max_tokens for r in live)
+                        batch = self._relayout(batch, len(live), bucket(cap, self.seq_buckets))
+                    if batch is None:
+                        if waiting:
+                            continue
+                        return
+                    running = [r for r in batch.rows if r is not None]
+                    self._step(batch, answer)
+                except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
+                    log.exception("generator: a batch of %d rows failed", len(running))
+                    self._fail(running + [r for r in admit if r not in waiting], e, answer)
+                    batch = None
+        finally:  # leaving by an exception (a fetch that raised): unpin what was running
+            if batch is not None:
+                for row in batch.rows:
+                    if row is not None and row.finish is None:
+                        self.pool.drop(row.key)
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None,
                chunk_lens: Sequence[int] | None = None, sampling: Sequence[bool] = (False,),
@@ -355,12 +390,19 @@ class Generator:
             return _Row(tag, key, r, finish="error", error=msg)
         if r.max_tokens > self.max_seq_len - n:
             r = replace(r, max_tokens=self.max_seq_len - n)
+        need = -(-(n + r.max_tokens) // self.pool.page_size)
+        if need > self.pool.num_pages:  # never fits: say so now, not after everything else ran
+            msg = (f"request {tag} (session {r.session!r}) needs {need} pages of {self.pool.page_size} "
+                   f"tokens for {n + r.max_tokens} tokens, but the pool has {self.pool.num_pages} "
+                   f"(raise the session cap)")
+            return _Row(tag, key, r, finish="error", error=msg)
         seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
         return _Row(tag, key, r, seed=seed & 0xFFFFFFFF)
 
     def _pick(self, waiting: deque[_Row], live: list[_Row]) -> list[_Row]:
-        """Take the waiting rows that can join now, first come first served: free slots, and
-        no session twice (a later request of a running session waits for it)."""
+        """Take the waiting rows that can join now, first come first served: free slots, no
+        session twice (a later request of a running session waits for it), and nobody behind a
+        row that is waiting for pages."""
         room = self.max_batch - len(live)
         busy = {r.key for r in live}
         picked, kept = [], deque()
@@ -369,6 +411,8 @@ class Generator:
             if len(picked) < room and row.key not in busy:
                 picked.append(row)
                 busy.add(row.key)
+                if row.deferred:  # it waits for pages: nobody behind it takes them first
+                    room = len(picked)
             else:
                 kept.append(row)
         waiting.extend(kept)
@@ -379,33 +423,44 @@ class Generator:
         alone (`alone`: no other row is running) comes back finished, with its error."""
         ok, deferred = [], []
         for row in rows:
+            if deferred:  # first come, first served: nobody passes a row waiting for pages
+                deferred.append(row)
+                continue
             cap = len(row.req.prompt) + row.req.max_tokens
             try:
                 row.cached = self.pool.acquire(row.key, row.req.prompt, cap)
             except PoolFull as e:
                 if ok or deferred or not alone:
+                    row.deferred = True
                     deferred.append(row)
                     continue
                 row.finish, row.error = "error", str(e)
                 ok.append(row)
                 continue
+            row.deferred = False
             ok.append(row)
         return ok, deferred
 
     def _retire(self, batch: _Batch) -> None:
         """Write finished rows back to their sessions and free their slots."""
-        for b, row in enumerate(batch.rows):
-            if row is None or row.finish is None:
-                continue
+        done = [b for b, r in enumerate(batch.rows) if r is not None and r.finish is not None]
+        if not done:
+            return
+        # the arrays handed to jitted calls are never edited afterwards: on CPU such a call may
+        # read a numpy argument in place when it runs, after the host has moved on
+        batch.table, batch.temps = batch.table.copy(), batch.temps.copy()
+        for b in done:
+            row = batch.rows[b]
             if row.req.session is not None:
-                self.pool.scatter_row(batch.table[b], batch.k, batch.v, b)
+                self.pool.scatter_row(batch.table[b].copy(), batch.k, batch.v, b)
             self._release(row)
             batch.rows[b] = None
             batch.table[b] = 0
             batch.temps[b] = 0.0
+        batch.sync()
 
     def _admit(self, batch: _Batch | None, admit: list[_Row], waiting: deque[_Row],
-               done: Callable[[Any, GenResult], None],
+               answer: Callable[[_Row], None],
                on_admit: Callable[[int], None] | None) -> _Batch | None:
         """Pin the admitted rows' sessions, prefill them in a batch of their own and insert them
         into free slots, laying the running batch out again first if they do not fit (more
@@ -415,7 +470,7 @@ class Generator:
         waiting.extendleft(reversed(deferred))
         for row in [r for r in new if r.finish]:
             self.pool.drop(row.key)
-            done(row.tag, row.result())
+            answer(row)
         new = [r for r in new if not r.finish]
         if not new:
             return batch
@@ -448,6 +503,8 @@ class Generator:
             into[:n] = slots
             batch.k, batch.v = insert_rows(batch.k, batch.v, k, v, into)
         tok, lp, bpos = batch.host()
+        batch.table, batch.seeds = batch.table.copy(), batch.seeds.copy()
+        batch.temps, batch.top_ps = batch.temps.copy(), batch.top_ps.copy()
         first, first_lp = np.asarray(first), np.asarray(first_lp)
         for j, (b, r) in enumerate(zip(slots, new)):
             batch.rows[b], batch.table[b] = r, table[j]
@@ -455,7 +512,19 @@ class Generator:
             batch.seeds[b], batch.temps[b], batch.top_ps[b] = seeds[j], temps[j], top_ps[j]
         batch.tok, batch.logprob, batch.pos = jnp.asarray(tok), jnp.asarray(lp), jnp.asarray(bpos)
         batch.sync()
+        batch.slack = 0
         return batch
+
+    def _oversized(self, batch: _Batch) -> bool:
+        """Whether the live rows have fit a smaller batch bucket or a shorter cache for
+        SHRINK_AFTER steps running (a layout costs two copies of the caches, so a batch whose
+        size hovers at a bucket edge is not relaid out at every arrival and departure)."""
+        live = batch.live
+        cap = max(len(r.req.prompt) + r.req.max_tokens for r in live)
+        smaller = (bucket(len(live), self.batch_buckets) < len(batch.rows)
+                   or bucket(cap, self.seq_buckets) < batch.S)
+        batch.slack = batch.slack + 1 if smaller else 0
+        return batch.slack >= SHRINK_AFTER
 
     def _relayout(self, batch: _Batch | None, n: int, S: int) -> _Batch:
         """A batch of bucket(n) slots and cache length S whose first slots hold the live rows of
@@ -498,11 +567,17 @@ class Generator:
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def _step(self, batch: _Batch, done: Callable[[Any, GenResult], None]) -> None:
+    def _step(self, batch: _Batch, answer: Callable[[_Row], None]) -> None:
         """Give every live row its pending token and sample the next one."""
         kw = {"n_vocab": self.n_vocab, "greedy_only": batch.greedy_only}
         args = batch.dev
+        for row in batch.live:
+            if row.cancelled:  # the caller gave up: free the slot
+                row.finish, row.error = "error", "cancelled"
+                answer(row)
         live = batch.live
+        if not live:
+            return
         ahead = None
         if all(r.state is None for r in live) and any(len(r.out) + 1 < r.req.max_tokens for r in live):
             # no constraint waits on this token and some row goes on: queue the next step before
@@ -514,7 +589,7 @@ class Generator:
             if row is not None and row.finish is None:
                 self._accept(row, t, lp)
                 if row.finish:
-                    done(row.tag, row.result())
+                    answer(row)
         if ahead is None and batch.live:
             mask = self._mask(batch.rows, len(batch.rows))
             ahead = decode_step(self.params, self.cfg, batch.tok, batch.pos, batch.k, batch.v,
@@ -528,12 +603,12 @@ class Generator:
         else:  # every sampled token but the last has been fed back through the model
             self.pool.release(row.key, row.req.prompt + row.out[: max(row.sampled - 1, 0)])
 
-    def _fail(self, rows: list[_Row], e: Exception, done: Callable[[Any, GenResult], None]) -> None:
+    def _fail(self, rows: list[_Row], e: Exception, answer: Callable[[_Row], None]) -> None:
         for row in rows:
             self.pool.drop(row.key)
             if row.finish is None:
                 row.finish, row.error = "error", f"{type(e).__name__}: {e}"
-                done(row.tag, row.result())
+                answer(row)
 
     def _chunks(self, B: int, S: int, chunk_lens: Sequence[int] | None = None) -> list[int]:
         """Chunk lengths usable at batch B and cache length S (B*T <= prefill_tokens, T <= S)."""
@@ -552,7 +627,11 @@ class Generator:
         row.out.append(t)
         row.logprobs.append(logprob)
         row.sampled += 1
-        stop = bool(req.on_token(t)) if req.on_token else False  # the caller saw a stop string
+        try:
+            stop = bool(req.on_token(t)) if req.on_token else False  # the caller saw a stop string
+        except Exception as e:  # noqa: BLE001 - one caller's callback ends only its own row
+            row.finish, row.error = "error", f"on_token: {type(e).__name__}: {e}"
+            return
         left = req.max_tokens - len(row.out)
         if c is not None and not stop:
             c.advance(row.state, t)

@@ -13,7 +13,7 @@ included); `logprobs`, `tools` and penalties are not supported.
 Requests are batched continuously by the engine (`JaxEngine.submit`): one that arrives while
 others decode joins them at the next step (up to `max_batch` rows); an idle engine waits
 `max_wait_ms` for a burst to gather. Streamed tokens flow back as they are chosen, and a stream whose client
-goes away ends its row at the next token.
+goes away (streaming or not) leaves the batch at the next step, or before it is admitted.
 """
 
 from __future__ import annotations
@@ -241,10 +241,20 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
             return StreamingResponse(_stream(call, head), media_type="text/event-stream")
         if call.stop:
             call.req.on_token = _stopper(engine, call.stop)
+        call.req.cancelled = gone = threading.Event()
+
+        async def watch() -> None:  # a client that hangs up frees its place in the batch
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
         try:
             res = await engine.submit(call.req)
         except Exception as e:  # noqa: BLE001 - the whole batch failed
             res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
+        finally:
+            watcher.cancel()
         if res.error:
             metrics.requests.labels(endpoint, "500").inc()
             return _error(500, res.error, "server_error")
@@ -260,11 +270,12 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         stopper = _stopper(engine, call.stop) if call.stop else None
-        gone = threading.Event()  # the client went away: stop spending the batch on it
+        gone = threading.Event()  # the client went away: drop its row, waiting or decoding
+        call.req.cancelled = gone
 
         def on_token(t: int) -> bool:  # on the engine's thread
             loop.call_soon_threadsafe(tokens.put_nowait, t)
-            return gone.is_set() or (stopper(t) if stopper else False)
+            return stopper(t) if stopper else False
 
         call.req.on_token = on_token
         task = asyncio.ensure_future(engine.submit(call.req))

@@ -283,6 +283,13 @@ class SessionPool:
     # -- spilling -----------------------------------------------------------------------------
 
     def _allocate(self, n: int) -> list[int]:
+        # decide before spilling anything: a request that cannot get its pages now must not
+        # push idle sessions off the device (and others off the host) for nothing
+        spillable = sum(len(s.pages) for k, s in self._sessions.items() if s.host is None and k not in self._pinned)
+        if len(self._free) + spillable < n:
+            msg = (f"need {n} free pages, have {len(self._free)} of {self.num_pages}; the sessions in "
+                   f"use hold the rest")
+            raise PoolFull(msg)
         while len(self._free) < n:
             victim = next((s for k, s in self._sessions.items()
                            if s.host is None and s.pages and k not in self._pinned), None)
