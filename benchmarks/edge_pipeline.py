@@ -1,8 +1,9 @@
 """The whole path with the edge model in process: `iot_monitor` over a simulated fleet, every
 escalation answered by a JAX checkpoint (`--preset`, random weights: the answers mean nothing,
 the machinery and its speed are what is measured). Besides the gate's own findings, a periodic
-review rule escalates each device about every `--review`-th reading, so every key calls the
-model many times and its session has something to reuse.
+review rule escalates each device about every `--review`-th reading (and an incident closes
+after 2 quiet readings, so each firing is news), so every key calls the model many times and
+its session has something to reuse.
 
 The same events go through three set-ups, back to back (the gate and the context are
 deterministic, so each sends the same requests to the edge tier):
@@ -113,10 +114,10 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--devices", type=int, default=40)
-    ap.add_argument("--events-per-device", type=int, default=400)
+    ap.add_argument("--devices", type=int, default=16)
+    ap.add_argument("--events-per-device", type=int, default=150)
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--review", type=int, default=25, help="escalate about every N-th reading of a device")
+    ap.add_argument("--review", type=int, default=8, help="escalate about every N-th reading of a device")
     ap.add_argument("--out", type=Path, default=RESULTS / "edge_pipeline.json")
     a = ap.parse_args(argv)
     items = list(iter_events(a.devices, a.events_per_device, a.seed))
