@@ -76,3 +76,22 @@ def test_context_json(context: tuple[dict, dict]) -> None:
     assert data["flat"]["ok"] is True
     # the prefix changes once per compaction: about 1 - 1/(window/2) of steps extend it
     assert all(s["prefix_stability"] > 0.9 for s in data["sizes"])
+
+
+def test_edge_pipeline_benchmark_runs_and_agrees(tmp_path: Path) -> None:
+    """The edge-tier benchmark at a tiny size: every set-up makes the same decisions, all from
+    the edge model, and only the session set-up serves prompt tokens from cache."""
+    out = tmp_path / "edge_pipeline.json"
+    result = _load("edge_pipeline").main(
+        ["--devices", "3", "--events-per-device", "60", "--review", "8", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["same_decisions_in_every_setup"] is True
+    runs = {r["setup"]: r for r in data["runs"]}
+    assert set(runs) == {"ponder", "no session reuse", "no batching"}
+    decided = {r["edge_decisions"] for r in runs.values()}
+    assert len(decided) == 1 and decided.pop() > 3
+    assert all(r["degraded"] == 0 and r["dead_letters"] == 0 for r in runs.values())
+    assert runs["no session reuse"]["cached_prompt_tokens"] == 0
+    assert runs["ponder"]["cached_prompt_tokens"] > 0
+    assert runs["ponder"]["prompt_tokens"] == runs["no session reuse"]["prompt_tokens"]
