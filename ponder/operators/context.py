@@ -6,8 +6,11 @@ A key's context has a bounded size whatever the stream length:
   per categorical field (bounded value counts);
 * the last `window` events as compact text lines;
 * a summary of older history. When the window is full, its older half is folded into one
-  summary segment; past `summary_segments` segments, the two oldest merge. Both steps are
-  deterministic, so a replay rebuilds the same context.
+  summary segment, and the newest segment absorbs its older neighbour while it is as large
+  (a binary counter: sizes halve towards the present, and merges touch the young end, so the
+  start of the summary, and the prompt prefix an engine cached, rarely changes); past
+  `summary_segments` segments the two oldest merge. Both steps are deterministic, so a replay
+  rebuilds the same context.
 
 `render()` splits the prompt into a *prefix* that only grows by appending between compactions
 (instructions, summary, event lines) and a small *tail* rewritten on every call (statistics,
@@ -66,7 +69,7 @@ class ContextPolicy:
     """How much of a key's history to keep and how to render it.
 
     :param window: recent events kept verbatim as lines.
-    :param summary_segments: folded history segments kept before the oldest two merge.
+    :param summary_segments: most folded history segments; past it the oldest two merge.
     :param fields: numeric fields to track; None tracks the first `max_fields` seen.
     :param alpha: EWMA weight of a new value in mean/variance/slope.
     :param max_line_chars: an event line is cut to this length.
@@ -365,6 +368,10 @@ def _compact(policy: ContextPolicy, st: ContextState) -> None:
     st.window_chars = sum(len(x) + 1 for x in st.window)
     st.older, st.newer = st.newer, None
     st.summary.append(folded)
+    # like a binary counter: the newest segment absorbs its neighbour while it has grown as
+    # large, so merges happen at the young end and the start of the summary stays put
+    while len(st.summary) > 1 and st.summary[-1].n >= st.summary[-2].n:
+        st.summary[-2:] = [st.summary[-2].merged(st.summary[-1], policy.max_categories)]
     if len(st.summary) > policy.summary_segments:
         st.summary[0:2] = [st.summary[0].merged(st.summary[1], policy.max_categories)]
     st.epoch += 1
