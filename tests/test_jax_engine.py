@@ -228,6 +228,39 @@ def test_requests_join_the_running_batch_and_finish_first(tiny):
     assert gen.compiles == before
 
 
+def test_a_long_prompt_joins_a_chunk_per_decode_step(tiny, monkeypatch):
+    """A 200-token prompt joining a decoding row is prefilled in 64-token chunks with a decode
+    step of the running row between each, not all at once while it waits; both rows equal their
+    runs alone."""
+    from ponder.inference.jax import generate as G
+
+    gen = make(tiny)
+    run_p, long_p = ids(10, 90), ids(200, 91)
+    alone = [one(gen, "solo-run", run_p, 40), one(gen, "solo-long", long_p, 5)]
+    calls = []
+    for name, tag in (("prefill_chunk", "P"), ("decode_step", "D")):
+        orig = getattr(G, name)
+        monkeypatch.setattr(G, name, lambda *a, _o=orig, _t=tag, **k: (calls.append(_t), _o(*a, **k))[1])
+    sent = []
+
+    def arrivals(n):
+        due = []
+        if not sent:
+            due = [("run", GenRequest("run", run_p, 40))]
+        elif len(sent) == 1 and n >= 3:
+            due = [("long", GenRequest("long", long_p, 5))]
+        sent.extend(due)
+        return due
+
+    order, _ = _serve(gen, arrivals)
+    res = {tag: r for tag, r, _ in order}
+    assert res["run"].tokens == alone[0].tokens and res["long"].tokens == alone[1].tokens
+    np.testing.assert_allclose(res["run"].logprobs, alone[0].logprobs, atol=1e-4)
+    joined = "".join(calls)[1:]  # after the first row's own prefill
+    first, last = joined.index("P"), joined.rindex("P")
+    assert joined[first : last + 1] == "PDPDPDP"  # 4 chunks of the joining prompt, interleaved
+
+
 def test_a_session_waits_for_its_running_request_then_reuses_its_cache(tiny):
     gen = make(tiny)
     p = ids(40, 33)

@@ -11,8 +11,9 @@ holds contiguous caches (K [L, B, Hkv, D, S], V [L, B, Hkv, S, D]), one slot per
   slot is free.
 * Join: the pool matches each joining prompt against its session's cached tokens and pins its
   pages; the joining rows are gathered into a batch of their own, their uncached suffixes go
-  through `prefill_chunk` T tokens at a time, and `insert_rows` copies them into free slots.
-  Prefill thus costs only the joining rows, not the whole batch.
+  through `prefill_chunk` T tokens at a time, one chunk per decode step of the running rows (a
+  long prompt does not stall them; one group joins at a time), and `insert_rows` copies them
+  into free slots. Prefill thus costs only the joining rows, not the whole batch.
 * Lay out again: when joining rows need more slots than are free or a longer cache, or when the
   live rows fit a batch bucket half the size, the whole batch is scattered back to the pool
   and gathered again at the new (B, S).
@@ -218,6 +219,21 @@ class _Batch:
                                    for r in self.rows)
 
 
+@dataclass(eq=False)
+class _Join:
+    """Rows joining the batch: prefilled in a batch of their own, a chunk per decode step of
+    the running rows (so a long prompt does not stall them), then inserted into free slots."""
+
+    rows: list[_Row]
+    S: int
+    table: np.ndarray  # [Bn, S/P]
+    k: Any
+    v: Any
+    pos: np.ndarray  # [Bn] where each row's next prompt token goes
+    todo: list[list[int]]  # each row's prompt tokens not yet prefilled
+    logits: Any = None
+
+
 class Generator:
     """Bucketed, batched generation for one model. Not thread-safe: call from one thread.
 
@@ -284,6 +300,7 @@ class Generator:
         """
         waiting: deque[_Row] = deque()
         batch: _Batch | None = None
+        join: _Join | None = None
 
         def answer(row: _Row) -> None:
             try:
@@ -305,33 +322,37 @@ class Generator:
                     answer(row)
                 admit: list[_Row] = []
                 running = [r for r in batch.rows if r is not None] if batch else []
+                running += join.rows if join else []
                 try:
                     if batch is not None:
                         self._retire(batch)
                         if not batch.live:
                             batch = None
                     live = batch.live if batch else []
-                    admit = self._pick(waiting, live)
-                    if admit:
-                        batch = self._admit(batch, admit, waiting, answer, on_admit)
-                    elif batch is not None and self._oversized(batch):
-                        cap = max(len(r.req.prompt) + r.req.max_tokens for r in live)
-                        batch = self._relayout(batch, len(live), bucket(cap, self.seq_buckets))
+                    if join is None:  # one group joins at a time
+                        admit = self._pick(waiting, live)
+                        if admit:
+                            batch, join = self._admit(batch, admit, waiting, answer, on_admit)
+                        elif batch is not None and self._oversized(batch):
+                            cap = max(len(r.req.prompt) + r.req.max_tokens for r in live)
+                            batch = self._relayout(batch, len(live), bucket(cap, self.seq_buckets))
+                    if join is not None:
+                        batch, join = self._join_step(batch, join)
                     if batch is None:
-                        if waiting:
+                        if waiting or join:
                             continue
                         return
-                    running = [r for r in batch.rows if r is not None]
+                    running = [r for r in batch.rows if r is not None] + (join.rows if join else [])
                     self._step(batch, answer)
                 except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
                     log.exception("generator: a batch of %d rows failed", len(running))
                     self._fail(running + [r for r in admit if r not in waiting], e, answer)
-                    batch = None
+                    batch = join = None
         finally:  # leaving by an exception (a fetch that raised): unpin what was running
-            if batch is not None:
-                for row in batch.rows:
-                    if row is not None and row.finish is None:
-                        self.pool.drop(row.key)
+            rows = ([r for r in batch.rows if r is not None] if batch else []) + (join.rows if join else [])
+            for row in rows:
+                if row.finish is None:
+                    self.pool.drop(row.key)
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None,
                chunk_lens: Sequence[int] | None = None, sampling: Sequence[bool] = (False,),
@@ -461,10 +482,10 @@ class Generator:
 
     def _admit(self, batch: _Batch | None, admit: list[_Row], waiting: deque[_Row],
                answer: Callable[[_Row], None],
-               on_admit: Callable[[int], None] | None) -> _Batch | None:
-        """Pin the admitted rows' sessions, prefill them in a batch of their own and insert them
-        into free slots, laying the running batch out again first if they do not fit (more
-        rows than free slots, or a longer cache)."""
+               on_admit: Callable[[int], None] | None) -> tuple[_Batch | None, _Join | None]:
+        """Pin the admitted rows' sessions and gather them for their own prefill, laying the
+        running batch out again first if they will not fit it (more rows than free slots, or a
+        longer cache) -> (batch, the join)."""
         kept = batch.live if batch else []
         new, deferred = self._acquire(admit, alone=not kept)
         waiting.extendleft(reversed(deferred))
@@ -473,7 +494,7 @@ class Generator:
             answer(row)
         new = [r for r in new if not r.finish]
         if not new:
-            return batch
+            return batch, None
         if on_admit:
             on_admit(len(new))
         S = bucket(max(len(r.req.prompt) + r.req.max_tokens for r in kept + new), self.seq_buckets)
@@ -481,18 +502,47 @@ class Generator:
             batch = self._relayout(batch, len(kept) + len(new), S)
         S = batch.S if batch is not None else S
 
-        n, Bn = len(new), bucket(len(new), self.batch_buckets)
+        Bn = bucket(len(new), self.batch_buckets)
         table = self.pool.table([r.key for r in new], Bn, S)
         k, v = self.pool.gather(table)
         pos = np.zeros(Bn, np.int32)
-        pos[:n] = [r.cached for r in new]
-        logits, k, v, pos = self._prefill([r.req.prompt[r.cached :] for r in new], pos, k, v, S)
+        pos[: len(new)] = [r.cached for r in new]
+        todo = [r.req.prompt[r.cached :] for r in new] + [[]] * (Bn - len(new))
+        logits = jnp.zeros((Bn, self.cfg.vocab_size), jnp.float32)
+        return batch, _Join(new, S, table, k, v, pos, todo, logits)
+
+    def _join_step(self, batch: _Batch | None, join: _Join) -> tuple[_Batch | None, _Join | None]:
+        """Prefill one chunk of the joining rows, or all of them when nothing else decodes;
+        once they are prefilled, insert them -> (batch, the join if it goes on)."""
+        alone = batch is None or not batch.live
+        while True:
+            B = len(join.pos)
+            chunks = self._chunks(B, join.S)
+            T = bucket(min(max(map(len, join.todo)), chunks[-1]), chunks)
+            tokens, n_new = np.zeros((B, T), np.int32), np.zeros(B, np.int32)
+            for b, t in enumerate(join.todo):
+                n_new[b] = len(t[:T])
+                tokens[b, : n_new[b]] = t[:T]
+                join.todo[b] = t[T:]
+            join.logits, join.k, join.v = prefill_chunk(self.params, self.cfg, tokens, join.pos, n_new,
+                                                        join.logits, join.k, join.v)
+            join.pos = join.pos + n_new  # not +=: on CPU the running step may still read the old array
+            if not any(join.todo):
+                return self._insert(batch, join), None
+            if not alone:
+                return batch, join
+
+    def _insert(self, batch: _Batch | None, join: _Join) -> _Batch:
+        """Sample the joined rows' first tokens and put them into free slots (or make them the
+        batch when nothing runs)."""
+        new, S, table, k, v, pos = join.rows, join.S, join.table, join.k, join.v, join.pos
+        n, Bn = len(new), len(pos)
         seeds, temps, top_ps = np.zeros(Bn, np.uint32), np.zeros(Bn, np.float32), np.ones(Bn, np.float32)
         for j, r in enumerate(new):
             seeds[j], temps[j], top_ps[j] = r.seed, r.req.temperature, r.req.top_p
             if r.req.constraint is not None:
                 r.state = r.req.constraint.start()
-        first, first_lp = first_token(logits, seeds, pos, temps, top_ps, self._mask(new, Bn),
+        first, first_lp = first_token(join.logits, seeds, pos, temps, top_ps, self._mask(new, Bn),
                                       n_vocab=self.n_vocab, greedy_only=not (temps > 0).any())
         if batch is None:  # nothing running: the new rows' batch is the batch
             batch = _Batch.empty(Bn, S, self.pool.page_size)
@@ -546,24 +596,6 @@ class Generator:
         fresh.k, fresh.v = self.pool.gather(fresh.table)
         fresh.sync()
         return fresh
-
-    def _prefill(self, todo: list[list[int]], pos: np.ndarray, k, v, S: int):
-        """Run rows' uncached suffixes through `prefill_chunk`, chunk by chunk.
-        -> (logits of each row's last token, k, v, positions after the suffixes)."""
-        B = len(pos)
-        todo = todo + [[]] * (B - len(todo))
-        chunks = self._chunks(B, S)
-        logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
-        while any(todo):
-            T = bucket(min(max(map(len, todo)), chunks[-1]), chunks)
-            tokens, n_new = np.zeros((B, T), np.int32), np.zeros(B, np.int32)
-            for b, t in enumerate(todo):
-                n_new[b] = len(t[:T])
-                tokens[b, : n_new[b]] = t[:T]
-                todo[b] = t[T:]
-            logits, k, v = prefill_chunk(self.params, self.cfg, tokens, pos, n_new, logits, k, v)
-            pos = pos + n_new  # not +=: on CPU the running step may still read the old array
-        return logits, k, v, pos
 
     # -- decoding -------------------------------------------------------------------------------
 
