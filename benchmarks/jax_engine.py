@@ -172,8 +172,9 @@ def mixed_workload(preset: str, n: int, max_batch: int, prompt: int, repeat: int
         t0, answered = time.perf_counter(), []
         todo = reqs()
         for i in range(0, n, max_batch):
-            gen.generate(todo[i : i + max_batch])
-            answered += [time.perf_counter() - t0] * len(todo[i : i + max_batch])
+            group = todo[i : i + max_batch]
+            gen.generate(group)
+            answered += [time.perf_counter() - t0] * len(group)
         return time.perf_counter() - t0, answered
 
     def continuous() -> tuple[float, list[float]]:

@@ -164,6 +164,11 @@ class _Row:
     deferred: bool = False  # found no pages last time: rows behind it wait
 
     @property
+    def cap(self) -> int:
+        """Tokens the row may hold: its prompt and every token it may generate."""
+        return len(self.req.prompt) + self.req.max_tokens
+
+    @property
     def cancelled(self) -> bool:
         return self.req.cancelled is not None and self.req.cancelled.is_set()
 
@@ -232,6 +237,11 @@ class _Join:
     pos: np.ndarray  # [Bn] where each row's next prompt token goes
     todo: list[list[int]]  # each row's prompt tokens not yet prefilled
     logits: Any = None
+
+
+def _held(batch: _Batch | None, join: _Join | None) -> list[_Row]:
+    """Every row with pinned pages: in the batch's slots or joining it."""
+    return ([r for r in batch.rows if r is not None] if batch else []) + (join.rows if join else [])
 
 
 class Generator:
@@ -321,8 +331,7 @@ class Generator:
                     row.finish, row.error = "error", "cancelled"
                     answer(row)
                 admit: list[_Row] = []
-                running = [r for r in batch.rows if r is not None] if batch else []
-                running += join.rows if join else []
+                running = _held(batch, join)
                 try:
                     if batch is not None:
                         self._retire(batch)
@@ -333,24 +342,22 @@ class Generator:
                         admit = self._pick(waiting, live)
                         if admit:
                             batch, join = self._admit(batch, admit, waiting, answer, on_admit)
-                        elif batch is not None and self._oversized(batch):
-                            cap = max(len(r.req.prompt) + r.req.max_tokens for r in live)
-                            batch = self._relayout(batch, len(live), bucket(cap, self.seq_buckets))
+                        elif batch is not None:
+                            batch = self._shrink(batch)
                     if join is not None:
                         batch, join = self._join_step(batch, join)
                     if batch is None:
                         if waiting or join:
                             continue
                         return
-                    running = [r for r in batch.rows if r is not None] + (join.rows if join else [])
+                    running = _held(batch, join)
                     self._step(batch, answer)
                 except Exception as e:  # noqa: BLE001 - the batch fails, its sessions are forgotten
                     log.exception("generator: a batch of %d rows failed", len(running))
                     self._fail(running + [r for r in admit if r not in waiting], e, answer)
                     batch = join = None
         finally:  # leaving by an exception (a fetch that raised): unpin what was running
-            rows = ([r for r in batch.rows if r is not None] if batch else []) + (join.rows if join else [])
-            for row in rows:
+            for row in _held(batch, join):
                 if row.finish is None:
                     self.pool.drop(row.key)
 
@@ -447,7 +454,7 @@ class Generator:
             if deferred:  # first come, first served: nobody passes a row waiting for pages
                 deferred.append(row)
                 continue
-            cap = len(row.req.prompt) + row.req.max_tokens
+            cap = row.cap
             try:
                 row.cached = self.pool.acquire(row.key, row.req.prompt, cap)
             except PoolFull as e:
@@ -497,7 +504,7 @@ class Generator:
             return batch, None
         if on_admit:
             on_admit(len(new))
-        S = bucket(max(len(r.req.prompt) + r.req.max_tokens for r in kept + new), self.seq_buckets)
+        S = bucket(max(r.cap for r in kept + new), self.seq_buckets)
         if batch is not None and (S > batch.S or len(batch.free) < len(new)):
             batch = self._relayout(batch, len(kept) + len(new), S)
         S = batch.S if batch is not None else S
@@ -565,16 +572,16 @@ class Generator:
         batch.slack = 0
         return batch
 
-    def _oversized(self, batch: _Batch) -> bool:
-        """Whether the live rows have fit a smaller batch bucket or a shorter cache for
-        SHRINK_AFTER steps running (a layout costs two copies of the caches, so a batch whose
-        size hovers at a bucket edge is not relaid out at every arrival and departure)."""
+    def _shrink(self, batch: _Batch) -> _Batch:
+        """Lay the batch out smaller once its live rows have fit a smaller batch bucket or a
+        shorter cache for SHRINK_AFTER steps running (a layout costs two copies of the caches,
+        so a batch whose size hovers at a bucket edge is not relaid out at every arrival and
+        departure)."""
         live = batch.live
-        cap = max(len(r.req.prompt) + r.req.max_tokens for r in live)
-        smaller = (bucket(len(live), self.batch_buckets) < len(batch.rows)
-                   or bucket(cap, self.seq_buckets) < batch.S)
+        S = bucket(max(r.cap for r in live), self.seq_buckets)
+        smaller = bucket(len(live), self.batch_buckets) < len(batch.rows) or S < batch.S
         batch.slack = batch.slack + 1 if smaller else 0
-        return batch.slack >= SHRINK_AFTER
+        return self._relayout(batch, len(live), S) if batch.slack >= SHRINK_AFTER else batch
 
     def _relayout(self, batch: _Batch | None, n: int, S: int) -> _Batch:
         """A batch of bucket(n) slots and cache length S whose first slots hold the live rows of
