@@ -12,7 +12,7 @@ With the simulator (`ponder.simulate`, on by default) the gate also scores a see
 telemetry: an incident is caught when its key escalates between its start and its end plus
 3 intervals; every other escalation is a false one.
 
-    python benchmarks/nab_gate.py                          # -> results/nab_gate.json
+    python benchmarks/nab_gate.py                          # benchmarks/data/nab -> results/nab_gate.json
     python benchmarks/nab_gate.py --data /path/to/nab --out /tmp/nab.json --no-sim
 """
 
@@ -39,7 +39,7 @@ from ponder.operators.gate import GatePolicy, new_state, observe
 from ponder.types import Event, SourcePos
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "nab"
+DATA = ROOT / "benchmarks" / "data" / "nab"  # the subset shipped with the repository
 RESULTS = Path(__file__).resolve().parent / "results"
 
 Z_THRESHOLD = 4.0
@@ -70,6 +70,15 @@ def zscore_detector(key: str, ts: Sequence[float], values: Sequence[float]
 
 def _files(report: NabReport) -> dict[str, dict[str, Any]]:
     return {f.file: msgspec.to_builtins(f) for f in report.files}
+
+
+def _shown(path: Path) -> str:
+    """The data path as the results file records it: repo-relative when inside the repository,
+    so a results file does not name one machine's checkout."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "data": str(args.data),
+        "data": _shown(args.data),
         "policy": {k: v for k, v in asdict(policy).items() if k != "rules"},
         "targets": {"window_recall_min": 0.95, "escalation_rate_max": 0.05},
         "gate": {"totals": msgspec.to_builtins(gt), "files": _files(gate),

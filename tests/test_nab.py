@@ -9,14 +9,17 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from ponder.evaluate.nab import HEADER, NabReport, format_report, run_nab
 
-# shared/ sits beside the checkout, for developers and CI alike; PONDER_NAB_DATA overrides
-DATA = Path(os.environ.get("PONDER_NAB_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nab")
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "nab_gate.py"
+# The NAB subset ships with the repository (benchmarks/data/nab, MIT, its LICENSE.txt beside it),
+# so a fresh clone runs these tests; PONDER_NAB_DATA points them at another copy.
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PONDER_NAB_DATA") or ROOT / "benchmarks" / "data" / "nab")
+BENCH = ROOT / "benchmarks" / "nab_gate.py"
 
 @pytest.fixture(scope="module")
 def nab(tmp_path_factory: pytest.TempPathFactory) -> tuple[NabReport, Path]:
@@ -121,12 +124,27 @@ def test_not_nab(tmp_path: Path) -> None:
         run_nab(tmp_path / "missing", tmp_path / "out")
 
 
-def test_benchmark_json(tmp_path: Path, nab: tuple[NabReport, Path]) -> None:
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("_bench_nab_gate", BENCH)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_data_path(bench: ModuleType, tmp_path: Path) -> None:
+    """The default data is the subset in the repository; results record it repo-relative."""
+    assert bench.DATA == ROOT / "benchmarks" / "data" / "nab"
+    assert (bench.DATA / "LICENSE.txt").read_text().startswith("Copyright 2014-2024 Numenta")
+    assert bench._shown(bench.DATA) == "benchmarks/data/nab"
+    assert bench._shown(ROOT / "benchmarks" / ".." / "benchmarks" / "data") == "benchmarks/data"
+    assert bench._shown(tmp_path) == str(tmp_path)  # outside the repository: as given
+
+
+def test_benchmark_json(tmp_path: Path, nab: tuple[NabReport, Path], bench: ModuleType) -> None:
+    mod = bench
     out = tmp_path / "nab_gate.json"
     result = mod.main(["--data", str(DATA), "--out", str(out), "--no-sim", "--quiet"])
     data = json.loads(out.read_text())

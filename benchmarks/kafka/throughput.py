@@ -162,7 +162,7 @@ async def publish(brokers: str, topic: str, records: list[tuple[bytes, bytes]], 
                   ) -> dict[int, int]:
     """Produce keyed records (aiokafka's default partitioner, batch API); return the end offset
     of every partition, checked against the high watermark of a fetch (Tansu's ListOffsets
-    is wrong, shared/KAFKA_TESTING.md)."""
+    is wrong, docs/kafka-testing.md)."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 

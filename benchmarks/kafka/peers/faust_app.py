@@ -27,7 +27,7 @@ app = faust.App(
     broker_heartbeat_interval=1.0,
     broker_commit_interval=float(E.get("BENCH_COMMIT_S", "2.0")),
     web_enabled=False,
-    # the changelog end-offset quirk (shared/KAFKA_TESTING.md) only matters on recovery
+    # the changelog end-offset quirk (docs/kafka-testing.md) only matters on recovery
     producer_max_batch_size=int(E.get("BENCH_FAUST_BATCH", str(1 << 20))),
 )
 source = app.topic(E["BENCH_IN"], key_serializer="raw", value_serializer="raw", partitions=partitions)

