@@ -48,7 +48,7 @@ def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None =
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     if not progress:
-        return asyncio.run(pipe.worker(source, sink).run())
+        return _until_failed(lambda: pipe.worker(source, sink).run())
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
                   transient=False) as bar:
@@ -58,9 +58,20 @@ def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None =
             bar.update(task, completed=s.events,
                        info=f"esc={s.escalations} dec={s.decisions} dead={s.dead_letters}")
 
-        stats = asyncio.run(pipe.worker(source, sink, progress=tick).run())
+        stats = _until_failed(lambda: pipe.worker(source, sink, progress=tick).run())
         tick(stats)  # the last batch's lanes drained after the last tick
     return stats
+
+
+def _until_failed(main):
+    """Run a worker; if it stopped on an error it could not handle, say what and exit 1."""
+    from ponder.runtime.worker import WorkerFailed
+
+    try:
+        return asyncio.run(main())
+    except WorkerFailed as e:
+        err.print(f"[red]error:[/red] the worker stopped: {e} (nothing past that event was committed)")
+        raise typer.Exit(1) from e
 
 
 @app.command()
@@ -216,7 +227,7 @@ def worker(
     except (ValueError, TypeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    stats = asyncio.run(run_worker(
+    stats = _until_failed(lambda: run_worker(
         pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
         output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
         checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms,

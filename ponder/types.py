@@ -36,9 +36,13 @@ class SourcePos(msgspec.Struct, frozen=True, array_like=True):
     topic: str
     partition: int
     offset: int
+    # bumped each time the partition's log is found to have started again (a re-created topic,
+    # a broker that lost its data): offsets of a new epoch never count as replays of an old one
+    epoch: int = 0
 
     def __str__(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
+        at = f"{self.topic}[{self.partition}]@{self.offset}"
+        return f"{at}#{self.epoch}" if self.epoch else at
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -120,6 +124,8 @@ def decision_id(key: str, source: SourcePos) -> str:
     same record produces the same id and a sink can drop the duplicate."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{len(key)}:{key}|{source.topic}|{source.partition}|{source.offset}".encode())
+    if source.epoch:  # epoch 0 keeps the ids decisions had before epochs existed
+        h.update(f"#{source.epoch}".encode())
     return h.hexdigest()
 
 

@@ -93,7 +93,7 @@ def test_run_reads_stdin_and_csv(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "events=51" in r.stderr and "dead_letters=1" in r.stderr
     dead = json.loads((tmp_path / "b.jsonl.dead.jsonl").read_text())
-    assert dead["source"] == ["in.csv", 0, 50] and "expected 3 columns, got 2" in dead["reason"]
+    assert dead["source"] == ["in.csv", 0, 50, 0] and "expected 3 columns, got 2" in dead["reason"]
 
 
 def test_clear_errors_for_bad_arguments(tmp_path: Path):

@@ -1,5 +1,5 @@
 """Kafka workers against a real broker: equality with local runs, poison messages, crashes,
-scale-out. The broker is Tansu (see shared/KAFKA_TESTING.md)."""
+scale-out. The broker is Tansu (see docs/kafka-testing.md)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_poison_messages_go_to_dead_letters_and_partition_moves_on(broker, tmp_p
     dead = asyncio.run(read_all(broker, "dead-poison", PARTS))
     letters = sorted((json.loads(r.value) for r in dead), key=lambda d: d["source"][2])
     part = next(p for p, e in ends.items() if e)
-    assert [d["source"] for d in letters] == [["in-poison", part, 10], ["in-poison", part, 20], ["in-poison", part, 30]]
+    assert [d["source"] for d in letters] == [["in-poison", part, 10, 0], ["in-poison", part, 20, 0], ["in-poison", part, 30, 0]]
     assert "malformed" in letters[0]["reason"].lower() or "json" in letters[0]["reason"].lower()
     assert "temperature" in letters[1]["reason"]
     assert "device_id" in letters[2]["reason"]

@@ -50,5 +50,5 @@ def test_readme_pipeline_runs(tmp_path: Path):
     # the pressure step at i=200 (every pump) is noticed on each pump
     assert {d["key"] for d in decisions if d["ts"] >= 1_700_000_200 and d["action"] == "alert"} == {"p0", "p1", "p2"}
     dead = [json.loads(x) for x in (tmp_path / "decisions.jsonl.dead.jsonl").read_text().splitlines()]
-    assert len(dead) == 1 and dead[0]["source"] == ["readings.jsonl", 0, 50]
+    assert len(dead) == 1 and dead[0]["source"] == ["readings.jsonl", 0, 50, 0]
     assert "time field 'ts'" in dead[0]["reason"]

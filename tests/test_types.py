@@ -40,7 +40,7 @@ def test_decision_roundtrips_json_and_msgpack():
     assert t.decision_json.decode(t.json_encoder.encode(d)) == d
     assert t.decision_msgpack.decode(t.msgpack_encoder.encode(d)) == d
     # source positions are compact arrays on the wire
-    assert json.loads(t.json_encoder.encode(d))["source"] == ["events", 1, 7]
+    assert json.loads(t.json_encoder.encode(d))["source"] == ["events", 1, 7, 0]
 
 
 def test_old_records_without_new_fields_still_decode():

@@ -1,14 +1,38 @@
-"""What every connector speaks: raw records in, decisions and dead letters out."""
+"""What every connector speaks: raw records in, decisions and dead letters out.
+
+Two richer contracts carry the effectively-once guarantee of a worker (see
+`ponder/runtime/checkpoint.py`, which drives them):
+
+- a `CommittingSource` has partitions assigned and revoked, takes commits of completed
+  positions, and can tell whether the log it reads is still the log a checkpoint saw
+  (`anchors`), so a topic that started again is read as a new epoch rather than as replays;
+- a `ReplayableSink` says where the outputs of not-yet-committed input begin
+  (`checkpoint_meta`) and, before that input is replayed, reads them back (`recover`) so
+  nothing is emitted twice.
+
+A plain `Source`/`Sink` (files, stdin, memory) gives at-least-once only where it can replay.
+"""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+import zlib
+from typing import Any, AsyncIterator, Mapping, Protocol, runtime_checkable
 
 import msgspec
 
 from ponder.types import DeadLetter, Decision, SourcePos
 
-__all__ = ["Record", "Source", "Sink"]
+__all__ = ["Record", "Source", "Sink", "CommittingSource", "ReplayableSink", "Assignments",
+           "SinkError", "fingerprint", "BEFORE_START", "BEYOND_END"]
+
+# what `CommittingSource.anchors` answers for an offset it cannot read
+BEFORE_START = -1  # removed by retention: the log is older than that offset, not a new one
+BEYOND_END = -2  # the log does not reach that offset: it started again
+
+
+class SinkError(RuntimeError):
+    """A sink could not make an output durable and cannot retry: the worker must stop before
+    committing past the input that caused it."""
 
 
 class Record(msgspec.Struct):
@@ -25,6 +49,17 @@ class Record(msgspec.Struct):
     error: str | None = None  # the connector already knows this record is broken, and why
 
 
+def fingerprint(key: str | None, value: bytes | None) -> int:
+    """A record's identity for telling one log from another at the same offset (a 31-bit int,
+    so it fits every store's bookkeeping). `key` as the source decoded it."""
+    return zlib.crc32(value or b"", zlib.crc32((key or "").encode("utf-8", "replace"))) & 0x7FFF_FFFF
+
+
+def record_fingerprint(rec: Record) -> int:
+    value = rec.value if isinstance(rec.value, bytes) else msgspec.json.encode(rec.value)
+    return fingerprint(rec.key, value)
+
+
 @runtime_checkable
 class Source(Protocol):
     """An async source of record batches. Batches keep per-partition order."""
@@ -36,11 +71,59 @@ class Source(Protocol):
 
 @runtime_checkable
 class Sink(Protocol):
-    """Where decisions and dead letters go. `write`/`dead` buffer; `flush` makes them durable,
-    and the runtime flushes before it reports positions as committable."""
+    """Where decisions and dead letters go. `write`/`dead` buffer; `flush` makes them durable
+    (or raises SinkError), and the runtime flushes before it reports positions as committable."""
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def write(self, decision: Decision) -> None: ...
     def dead(self, letter: DeadLetter) -> None: ...
     async def flush(self) -> None: ...
+
+
+class Assignments(Protocol):
+    """What the runtime offers a committing source: partitions arrive and leave."""
+
+    async def assign(self, partitions: list[tuple[str, int]]) -> None: ...
+    async def revoke(self, partitions: list[tuple[str, int]]) -> None: ...
+
+
+@runtime_checkable
+class CommittingSource(Source, Protocol):
+    """A source read by a consumer group: assignment, commits, and log identity."""
+
+    def bind(self, runtime: Assignments) -> None:
+        """Call `runtime.assign`/`revoke` around every rebalance, before records of an assigned
+        partition are returned and before a revoked one is given up."""
+        ...
+
+    async def commit(self, positions: Mapping[tuple[str, int], int]) -> bool:
+        """Commit next-offsets of owned partitions; False when the group refused (a rebalance
+        took them): not an error, the next owner replays and dedups."""
+        ...
+
+    async def anchors(self, offsets: Mapping[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The `fingerprint` of the record at each offset, or BEFORE_START / BEYOND_END."""
+        ...
+
+    def rewind(self, partitions: list[tuple[str, int]]) -> None:
+        """Read these partitions again from their first offset (a new epoch)."""
+        ...
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+@runtime_checkable
+class ReplayableSink(Sink, Protocol):
+    """A sink whose outputs can be read back, so a replay suppresses what already exists."""
+
+    def checkpoint_meta(self, partition: int, committed: int) -> dict[str, int]:
+        """Where the outputs of input at or past `committed` begin (after `flush`)."""
+        ...
+
+    async def recover(self, metas: Mapping[int, Mapping[str, int]]) -> int:
+        """Before input partitions are replayed, learn which of their outputs exist."""
+        ...
+
+    def forget(self, partition: int) -> None: ...

@@ -27,6 +27,7 @@ class KeyState(msgspec.Struct):
     # the last input position folded in: a replayed event at or before it is skipped
     partition: int = -1
     offset: int = -1
+    epoch: int = 0  # the partition's epoch at that position (a log that started again)
 
 
 @dataclass
@@ -44,13 +45,15 @@ class KeyLogic:
         flag = ",".join(sorted({f.kind for f in verdict.findings if f.score >= self.gate.open})) \
             if verdict.escalate else ""
         ctx.update(self.context, st.context, event, flag)
-        st.partition, st.offset = event.source.partition, event.source.offset
+        st.partition, st.offset, st.epoch = event.source.partition, event.source.offset, event.source.epoch
         return verdict
 
     @staticmethod
     def seen(st: KeyState, event: Event) -> bool:
-        """Whether the state already reflects this event (a replay after a crash)."""
-        return st.partition == event.source.partition and event.source.offset <= st.offset
+        """Whether the state already reflects this event (a replay after a crash). An event of a
+        newer epoch never is: its partition's log started again, offsets and all."""
+        src = event.source
+        return st.partition == src.partition and st.epoch == src.epoch and src.offset <= st.offset
 
     async def decide(self, st: KeyState, event: Event, verdict: gt.Verdict, call: Call) -> Decision:
         return await self.reasoner.decide(st.context, event, verdict, call)

@@ -45,6 +45,9 @@ class Pipeline:
     :param reflex: rules of the reflex tier (finding kind -> action).
     :param instructions: the task, as the model reads it at the top of every prompt.
     :param input_topic: / output_topic: / dead_letter_topic: for Kafka workers.
+    :param max_inflight: events admitted and not finished before the source is paused.
+    :param max_hot_keys: key states kept in memory; colder ones wait in the state store
+        (a worker's RocksDB; for file runs a temporary RocksDB once the bound is passed).
     """
 
     name: str
@@ -61,6 +64,7 @@ class Pipeline:
     output_topic: str = ""
     dead_letter_topic: str = ""
     max_inflight: int = 4096
+    max_hot_keys: int = 100_000
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,7 +112,8 @@ class Pipeline:
         """A Worker running this pipeline from `source` to `sink`."""
         logic, decoder, built = self.build(engines=engines)
         return Worker(logic, decoder, source, sink, built, self.tiers, store=store,
-                      max_inflight=kw.pop("max_inflight", self.max_inflight), progress=progress, **kw)
+                      max_inflight=kw.pop("max_inflight", self.max_inflight),
+                      max_hot_keys=kw.pop("max_hot_keys", self.max_hot_keys), progress=progress, **kw)
 
 
 def load_pipeline(ref: str) -> Pipeline:

@@ -56,7 +56,7 @@ class WorkerCollector(Collector):
         g.add_metric([p], len(w._lanes))  # noqa: SLF001
         yield g
         g = GaugeMetricFamily("ponder_keys", "Keys held in memory", labels=["pipeline"])
-        g.add_metric([p], len(w._states))  # noqa: SLF001
+        g.add_metric([p], len(w.partitions._hot))  # noqa: SLF001
         yield g
 
 

@@ -8,7 +8,14 @@ closes when it is empty.
 
 Work admitted but not finished is bounded by `max_inflight`; past it the source is not read
 (backpressure). Completion is tracked per partition, so `checkpoint()` can commit exactly the
-positions below which everything is done.
+positions below which everything is done. Key states, stores, epochs and the checkpoint
+protocol itself belong to `Partitions` (runtime/checkpoint.py); the worker keeps admission,
+lanes and tier dispatch.
+
+An error that is one event's fault (it cannot be decoded, observed or decided) makes that
+event a dead letter and the stream moves on. Any other error (a sink that cannot write, a
+bug) stops the worker: the event it happened on is never marked done, no further checkpoint
+runs, and `run()` raises WorkerFailed after closing everything.
 """
 
 from __future__ import annotations
@@ -22,25 +29,21 @@ from typing import Callable, Mapping
 
 import msgspec
 
-from ponder.connectors.base import Record, Sink, Source
+from ponder.connectors.base import CommittingSource, Record, Sink, Source
 from ponder.inference.engine import Completion, Engine, EngineError, Request
 from ponder.operators.gate import Verdict
-from ponder.operators.keyed import KeyLogic, KeyState
+from ponder.operators.keyed import KeyLogic
 from ponder.operators.route import TierSpec
 from ponder.runtime.batcher import Batcher
+from ponder.runtime.checkpoint import Partitions
 from ponder.runtime.decode import Decoder
 from ponder.runtime.tracker import CompletionTracker
 from ponder.state.base import Changelog, Store
-from ponder.state.memory import MemoryStore
-from ponder.types import DeadLetter, Decision, Event
+from ponder.types import DeadLetter, Decision, Event, SourcePos
 
-__all__ = ["Worker", "RunStats"]
+__all__ = ["Worker", "WorkerFailed", "RunStats"]
 
 logger = logging.getLogger(__name__)
-
-_state_enc = msgspec.msgpack.Encoder()
-_state_dec = msgspec.msgpack.Decoder(KeyState)
-
 
 @dataclass
 class RunStats:
@@ -68,6 +71,11 @@ class RunStats:
                 f"elapsed={self.elapsed_s:.2f}s rate={rate:,.0f}/s")
 
 
+class WorkerFailed(RuntimeError):
+    """The worker stopped on an error it cannot handle; nothing past the failed event was
+    committed, so a restart replays it."""
+
+
 class Worker:
     """Run one pipeline's per-key logic from a source to a sink."""
 
@@ -84,6 +92,7 @@ class Worker:
         open_store: Callable[[tuple[str, int]], Store] | None = None,
         changelog: Changelog | None = None,
         max_inflight: int = 4096,
+        max_hot_keys: int = 100_000,
         checkpoint_every_s: float = 5.0,
         progress: Callable[[RunStats], None] | None = None,
     ) -> None:
@@ -92,30 +101,23 @@ class Worker:
         self.source = source
         self.sink = sink
         self.engines = dict(engines)
-        # local runs share one store; Kafka workers open one per assigned partition
-        self.store: Store = store if store is not None else MemoryStore()
-        self._open_store = open_store or (lambda tp: self.store)
-        self.changelog = changelog
-        self._stores: dict[tuple[str, int], Store] = {}
-        self._key_tp: dict[str, tuple[str, int]] = {}
-        self._assigned: set[tuple[str, int]] | None = None  # None: a source without assignment
+        self.partitions = Partitions(logic.new_state, store=store, open_store=open_store,
+                                     changelog=changelog, max_hot_keys=max_hot_keys)
         self.max_inflight = max_inflight
         self.checkpoint_every_s = checkpoint_every_s
         self.progress = progress
         self.tracker = CompletionTracker()
         self.stats = RunStats()
-        self._states: dict[str, KeyState] = {}
-        # key -> offset of its oldest event not yet in the store; a checkpoint never commits
-        # past it, or a crash would skip that event on replay
-        self._dirty: dict[str, int] = {}
         self._lanes: dict[str, deque[Event]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
         self._capacity = asyncio.Event()
         self._stopping = False
+        self._failure: BaseException | None = None
+        self._failure_msg = ""
         self._direct: dict[str, tuple[Engine, float]] = {}
         self._batchers: dict[str, Batcher] = {}
-        if hasattr(source, "bind"):
+        if isinstance(source, CommittingSource):
             source.bind(self)
         for spec in tiers:
             engine = self.engines[spec.name]
@@ -126,31 +128,47 @@ class Worker:
                     engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
                     max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s)
 
+    @property
+    def store(self) -> Store:
+        """The store of local runs (Kafka workers have one per partition)."""
+        return self.partitions.store
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> RunStats:
-        """Consume the source to its end (or until `stop()`), drain, checkpoint, return stats."""
+        """Consume the source to its end (or until `stop()`), drain, checkpoint, return stats.
+
+        Raises WorkerFailed, after cleaning up and without a final checkpoint, when an event
+        could not be finished (a sink that cannot write, a bug): everything committed before
+        stays correct and a restart replays the rest.
+        """
         started = False
+        committing = isinstance(self.source, CommittingSource)
         try:
             for e in self.engines.values():
                 await e.start()
             await self.sink.start()
-            if self.changelog is not None:
-                await self.changelog.start()
+            if self.partitions.changelog is not None:
+                await self.partitions.changelog.start()
             await self.source.start()
             started = True
             last_checkpoint = time.monotonic()
             async for batch in self.source.batches():
                 for rec in batch:
+                    if not self.partitions.saw(rec):
+                        tp = (rec.source.topic, rec.source.partition)
+                        await self.partitions.new_epoch(tp, self.drain, self.tracker, self.sink,
+                                                        self.source, self._lanes)
+                        self.partitions.saw(rec)
                     self._admit(rec)
                     if self._inflight >= self.max_inflight:
-                        pause = getattr(self.source, "pause", None)
-                        if pause is not None:
-                            pause()
+                        if committing:
+                            self.source.pause()
                         await self._wait_capacity()
-                        resume = getattr(self.source, "resume", None)
-                        if resume is not None:
-                            resume()
+                        if committing:
+                            self.source.resume()
+                self._check()
+                self.partitions.evict(self._lanes)
                 if self.progress is not None:
                     self.stats.elapsed_s = time.perf_counter() - self.stats.started
                     self.progress(self.stats)
@@ -161,65 +179,85 @@ class Worker:
                     break
             await self.drain()
             await self.checkpoint()
+        except WorkerFailed:
+            raise
+        except Exception as e:
+            # a failure of the source, the sink's flush or the changelog: nothing more is
+            # committed; say so with what failed rather than a bare traceback
+            self._fail(e, "the run loop")
+            raise WorkerFailed(str(self._failure_msg)) from e
         finally:
-            for t in self._tasks:
-                t.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-            for b in self._batchers.values():
-                await b.close()
-            if started:
-                await self.source.stop()
-            await self.sink.stop()
-            if self.changelog is not None:
-                await self.changelog.stop()
-            for store in {id(s): s for s in self._stores.values()}.values():
-                if store is not self.store:
-                    store.close()
-            for e in self.engines.values():
-                await e.stop()
-            self.stats.elapsed_s = time.perf_counter() - self.stats.started
-            self.stats.keys = len(self._states)
+            await self._shutdown(started)
         return self.stats
+
+    async def _shutdown(self, started: bool) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for b in self._batchers.values():
+            await b.close()
+        closers = [self.source.stop] if started else []
+        closers.append(self.sink.stop)
+        if self.partitions.changelog is not None:
+            closers.append(self.partitions.changelog.stop)
+        closers.extend(e.stop for e in self.engines.values())
+        for close in closers:
+            try:
+                await close()
+            except Exception:  # noqa: BLE001 - one failing close must not keep the rest open
+                logger.exception("closing %r failed", close)
+        self.partitions.close()
+        self.stats.elapsed_s = time.perf_counter() - self.stats.started
+        self.stats.keys = self.partitions.new_keys
 
     def stop(self) -> None:
         """Stop reading after the current batch; in-flight work still drains."""
         self._stopping = True
 
     async def drain(self) -> None:
-        """Wait until every admitted event is done."""
+        """Wait until every admitted event is done (or the worker failed)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._check()
 
     async def _wait_capacity(self) -> None:
         while self._inflight >= self.max_inflight:
+            self._check()
             self._capacity.clear()
             await self._capacity.wait()
+        self._check()
+
+    def _fail(self, e: BaseException, where: str) -> None:
+        """Remember the first unhandled error; the run stops at its next step."""
+        if self._failure is None:
+            self._failure = e
+            self._failure_msg = f"{where}: {type(e).__name__}: {e}"
+            logger.error("stopping: %s", self._failure_msg, exc_info=e)
+        self._stopping = True
+        self._capacity.set()
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise WorkerFailed(self._failure_msg) from self._failure
 
     # -- the path of one event ---------------------------------------------------------------
 
-    def _store(self, tp: tuple[str, int]) -> Store:
-        store = self._stores.get(tp)
-        if store is None:
-            store = self._stores[tp] = self._open_store(tp)
-        return store
-
-    def _state(self, key: str, tp: tuple[str, int]) -> KeyState:
-        st = self._states.get(key)
-        if st is None:
-            raw = self._store(tp).get(key)
-            st = _state_dec.decode(raw) if raw is not None else self.logic.new_state(key)
-            self._states[key] = st
-            self._key_tp[key] = tp
-        return st
-
     def _admit(self, rec: Record) -> None:
         pos = rec.source
-        if self._assigned is not None and (pos.topic, pos.partition) not in self._assigned:
+        tp = (pos.topic, pos.partition)
+        parts = self.partitions
+        if parts.assigned is not None and tp not in parts.assigned:
             return  # fetched before a rebalance took the partition away: its new owner reads it
+        epoch = parts.epochs.get(tp, 0)
+        if epoch:
+            pos = rec.source = SourcePos(pos.topic, pos.partition, pos.offset, epoch)
         self.tracker.received(pos.topic, pos.partition, pos.offset)
         self.stats.events += 1
-        ev = self.decoder(rec)
+        try:
+            ev = self.decoder(rec)
+        except Exception as e:  # noqa: BLE001 - the decoder catches what it knows; anything else is still this record's fault
+            ev = DeadLetter(f"{type(e).__name__}: {e}"[:500], pos, _raw(rec), stage="decode")
         if type(ev) is DeadLetter:
             self._dead(ev)
             self.tracker.done(pos.topic, pos.partition, pos.offset)
@@ -240,25 +278,27 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     def _observe(self, ev: Event) -> Verdict | None:
-        st = self._state(ev.key, (ev.source.topic, ev.source.partition))
+        src = ev.source
+        st = self.partitions.state(ev.key, (src.topic, src.partition))
         if self.logic.seen(st, ev):
             self.stats.replayed += 1
             return None
         try:
             verdict = self.logic.observe(st, ev)
         except Exception as e:  # noqa: BLE001 - a bad event or a buggy user rule must not stop the stream
-            logger.exception("observe failed for key %r at %s", ev.key, ev.source)
-            self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], ev.source,
-                                  msgspec.json.encode(ev.payload).decode()[:2000], stage="observe"))
+            # observe validates before it changes state, so the key's state is as it was
+            logger.warning("observe failed for key %r at %s: %s: %s", ev.key, src, type(e).__name__, e)
+            self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], src, _payload(ev), stage="observe"))
             return None
-        if ev.key not in self._dirty:
-            self._dirty[ev.key] = ev.source.offset
+        self.partitions.touched(ev.key, src.offset)
         if verdict.escalate:
             self.stats.escalations += 1
         return verdict
 
     async def _lane(self, ev: Event, verdict: Verdict | None) -> None:
-        """Work through one key's events in order, starting with an escalated one."""
+        """Work through one key's events in order, starting with an escalated one. An error
+        here is not one event's fault (decide turns those into dead letters): the worker stops,
+        and this event is never marked done, so nothing past it is committed."""
         key = ev.key
         lane = self._lanes[key]
         try:
@@ -270,20 +310,23 @@ class Worker:
                 self._inflight -= 1
                 if self._inflight < self.max_inflight:
                     self._capacity.set()
-                if not lane:
+                if not lane or self._failure is not None:
                     break
                 ev = lane.popleft()
                 verdict = self._observe(ev)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the run loop, never lost in a task
+            self._fail(e, f"key {key!r} at {ev.source}")
         finally:
             del self._lanes[key]
 
     async def _decide(self, ev: Event, verdict: Verdict) -> None:
         try:
-            d = await self.logic.decide(self._states[ev.key], ev, verdict, self._call)
+            d = await self.logic.decide(self.partitions.hot(ev.key), ev, verdict, self._call)
         except Exception as e:  # noqa: BLE001 - see _observe
-            logger.exception("decide failed for key %r at %s", ev.key, ev.source)
-            self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], ev.source,
-                                  msgspec.json.encode(ev.payload).decode()[:2000], stage="decide"))
+            logger.warning("decide failed for key %r at %s: %s: %s", ev.key, ev.source, type(e).__name__, e)
+            self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], ev.source, _payload(ev), stage="decide"))
             return
         self._emit(d)
 
@@ -299,6 +342,7 @@ class Worker:
         return await self._batchers[tier].submit(request)
 
     def _emit(self, d: Decision) -> None:
+        self.sink.write(d)
         s = self.stats
         s.decisions += 1
         s.by_action[d.action] += 1
@@ -309,91 +353,50 @@ class Worker:
         s.cached_prompt_tokens += u.cached_prompt_tokens
         s.completion_tokens += u.completion_tokens
         s.cost_usd += u.cost_usd
-        self.sink.write(d)
 
     def _dead(self, letter: DeadLetter) -> None:
-        self.stats.dead_letters += 1
         self.sink.dead(letter)
+        self.stats.dead_letters += 1
 
-    # -- checkpoint ---------------------------------------------------------------------------
+    # -- checkpoint and rebalances (the protocol lives in Partitions) -------------------------
 
     async def checkpoint(self) -> dict[tuple[str, int], int]:
-        """Make progress durable, in this order:
-
-        1. flush the sink, so every decision of a done event is acknowledged;
-        2. per partition, publish the states of idle dirty keys and the bookkeeping to the
-           changelog, and wait for the broker. A key with an open lane has a decision in flight
-           and is left for a later checkpoint; the positions then stop at its oldest unstored
-           event, so a crash replays it;
-        3. write the same states, positions and bookkeeping to the partition's store in one
-           batch;
-        4. commit the positions at the source, if it takes commits.
-
-        Returns the committed positions.
-        """
-        positions = self.tracker.committable()
-        # Step 1.
-        await self.sink.flush()
-        by_tp: dict[tuple[str, int], dict[str, bytes | None]] = {tp: {} for tp in positions}
-        for k in [k for k in self._dirty if k not in self._lanes]:
-            by_tp.setdefault(self._key_tp[k], {})[k] = _state_enc.encode(self._states[k])
-            del self._dirty[k]
-        for k, first in self._dirty.items():  # keys with a decision in flight stay dirty
-            tp = self._key_tp[k]
-            if tp in positions and first < positions[tp]:
-                positions[tp] = first
-        sink_meta = getattr(self.sink, "checkpoint_meta", None)
-        metas: dict[tuple[str, int], dict[str, int]] = {}
-        for tp in by_tp:
-            metas[tp] = sink_meta(tp[1], positions[tp]) if sink_meta is not None and tp in positions else {}
-        # Step 2.
-        if self.changelog is not None and by_tp:
-            reached = await self.changelog.publish({tp[1]: (by_tp[tp], metas[tp]) for tp in by_tp})
-            for tp in by_tp:
-                metas[tp]["changelog"] = reached[tp[1]]
-        # Step 3.
-        for tp, states in by_tp.items():
-            self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, metas[tp])
-        # Step 4.
-        commit = getattr(self.source, "commit", None)
-        if commit is not None and positions:
-            await commit(positions)
+        """Make progress durable (see `Partitions.checkpoint` for the steps); returns the
+        positions made durable. Refused once the worker has failed."""
+        self._check()
+        positions = await self.partitions.checkpoint(self.tracker, self.sink, self.source, self._lanes)
         self.stats.checkpoints += 1
         return positions
 
-    # -- rebalances ---------------------------------------------------------------------------
-
     async def assign(self, partitions: list[tuple[str, int]]) -> None:
-        """Take partitions over: open their stores, bring them up to the changelog, and learn
-        which outputs of uncommitted input already exist."""
-        stores = {tp[1]: self._store(tp) for tp in partitions}
-        if self.changelog is not None:
-            metas = await self.changelog.restore(stores)
-        else:
-            metas = {p: s.meta() for p, s in stores.items()}
-        recover = getattr(self.sink, "recover", None)
-        if recover is not None:
-            await recover(metas)
-        self._assigned = (self._assigned or set()) | set(partitions)
-        logger.info("assigned %s", partitions)
+        """Take partitions over (called by a committing source around a rebalance)."""
+        try:
+            await self.partitions.assign(partitions, self.sink, self.source)
+        except Exception as e:
+            self._fail(e, f"assigning {partitions}")
+            raise
 
     async def revoke(self, partitions: list[tuple[str, int]]) -> None:
         """Hand partitions back: finish their work, checkpoint, and forget their keys."""
-        gone = set(partitions)
-        if self._assigned is not None:
-            self._assigned -= gone
-        await self.drain()
-        await self.checkpoint()
-        for key in [k for k, tp in self._key_tp.items() if tp in gone]:
-            del self._key_tp[key]
-            self._states.pop(key, None)
-            self._dirty.pop(key, None)
-        forget = getattr(self.sink, "forget", None)
-        for tp in partitions:
-            self.tracker.forget(*tp)
-            store = self._stores.pop(tp, None)
-            if store is not None and store is not self.store:
-                store.close()
-            if forget is not None:
-                forget(tp[1])
-        logger.info("revoked %s", partitions)
+        if self._failure is not None:
+            return  # nothing more is committed after a failure; the next owner replays
+        try:
+            await self.partitions.revoke(partitions, self.drain, self.tracker, self.sink, self.source,
+                                         self._lanes)
+        except Exception as e:
+            self._fail(e, f"revoking {partitions}")
+            raise
+
+
+def _raw(rec: Record) -> str:
+    v = rec.value
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v[:2000]).decode("utf-8", "replace")
+    return repr(v)[:2000]
+
+
+def _payload(ev: Event) -> str:
+    try:
+        return msgspec.json.encode(ev.payload).decode()[:2000]
+    except Exception:  # noqa: BLE001 - a payload msgspec cannot encode is still shown
+        return repr(ev.payload)[:2000]

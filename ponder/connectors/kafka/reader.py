@@ -15,7 +15,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
-__all__ = ["read_to_end"]
+from ponder.connectors.base import BEFORE_START, BEYOND_END
+
+__all__ = ["read_to_end", "read_at"]
 
 
 async def read_to_end(brokers: str, topic: str, starts: Mapping[int, int], *, max_records: int = 5000,
@@ -61,3 +63,51 @@ async def read_to_end(brokers: str, topic: str, starts: Mapping[int, int], *, ma
                 return
     finally:
         await consumer.stop()
+
+
+async def read_at(brokers: str, topic: str, offsets: Mapping[int, int], *, patience: int = 10
+                  ) -> dict[int, ConsumerRecord | int]:
+    """The record at each partition's offset, or BEFORE_START (the log was trimmed past it) or
+    BEYOND_END (the log does not reach it). A record later than asked for (compaction left a
+    hole there) counts as BEFORE_START: the log is older than the offset, not a new one."""
+    out: dict[int, ConsumerRecord | int] = {}
+    if not offsets:
+        return out
+    consumer = AIOKafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False,
+                                auto_offset_reset="none", fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        left = {TopicPartition(topic, p) for p in offsets}
+        consumer.assign(list(left))
+        for tp in left:
+            consumer.seek(tp, offsets[tp.partition])
+        empty_rounds = 0
+        while left and empty_rounds < patience:
+            try:
+                data = await consumer.getmany(*left, timeout_ms=200, max_records=1)
+            except OffsetOutOfRangeError as e:
+                gone = e.args[0] if e.args and isinstance(e.args[0], dict) else {tp: None for tp in left}
+                starts = await consumer.beginning_offsets(list(gone))
+                for tp in gone:
+                    out[tp.partition] = BEFORE_START if offsets[tp.partition] < starts[tp] else BEYOND_END
+                left.difference_update(gone)
+                if left:
+                    consumer.assign(list(left))
+                continue
+            empty_rounds += 1
+            for tp, batch in data.items():
+                if batch:
+                    empty_rounds = 0
+                    rec = batch[0]
+                    out[tp.partition] = rec if rec.offset == offsets[tp.partition] else BEFORE_START
+                    left.discard(tp)
+            for tp in list(left):
+                high = consumer.highwater(tp)
+                if high is not None and high <= offsets[tp.partition]:
+                    out[tp.partition] = BEYOND_END
+                    left.discard(tp)
+        for tp in left:  # nothing came back at all: the log holds nothing there
+            out[tp.partition] = BEYOND_END
+    finally:
+        await consumer.stop()
+    return out

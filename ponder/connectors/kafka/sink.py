@@ -16,9 +16,11 @@ from collections import deque
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
+from ponder.connectors.base import SinkError
 from ponder.connectors.kafka.reader import read_to_end
-from ponder.types import DeadLetter, Decision
+from ponder.types import DeadLetter, Decision, Trace
 
 __all__ = ["KafkaSink"]
 
@@ -27,16 +29,46 @@ logger = logging.getLogger(__name__)
 _enc = msgspec.json.Encoder()
 
 
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+_CUT = 256  # longest string kept whole when a decision must shrink
+
+
 def dead_letter_id(letter: DeadLetter) -> str:
     s = letter.source
-    return f"{s.topic}:{s.partition}:{s.offset}:{letter.stage}"
+    epoch = f"#{s.epoch}" if s.epoch else ""
+    return f"{s.topic}:{s.partition}:{s.offset}{epoch}:{letter.stage}"
+
+
+def _cut(v, limit: int = _CUT):
+    """Cut every long string inside `v` to `limit` chars plus a marker saying how much went."""
+    if isinstance(v, str):
+        return v if len(v) <= limit else f"{v[:limit]}…[cut {len(v) - limit} chars]"
+    if isinstance(v, dict):
+        return {_cut(k, 64): _cut(x, limit) for k, x in list(v.items())[:64]}
+    if isinstance(v, (list, tuple)):
+        return [_cut(x, limit) for x in v[:64]]
+    return v
+
+
+def shrink(d: Decision) -> Decision:
+    """The same decision with long fields cut and the trace thinned, marked in its evidence."""
+    t = d.trace
+    trace = None if t is None else Trace(t.gate_score, msgspec.convert(_cut(msgspec.to_builtins(t.findings[:8])),
+                                                                       type(t.findings)),
+                                         t.route, t.spans, [_cut(e) for e in t.errors[:8]])
+    return msgspec.structs.replace(
+        d, reason=_cut(d.reason, 400), evidence={**_cut(d.evidence), "shrunk": True}, trace=trace,
+        headers=_cut(d.headers))
 
 
 class KafkaSink:
-    def __init__(self, brokers: str, decisions_topic: str, dead_topic: str, *, linger_ms: int = 5) -> None:
+    def __init__(self, brokers: str, decisions_topic: str, dead_topic: str, *, linger_ms: int = 5,
+                 max_message_bytes: int = 1_000_000) -> None:
         self.brokers = brokers
         self.topics = {"decisions": decisions_topic, "dead": dead_topic}
         self._linger_ms = linger_ms
+        self.max_message_bytes = max_message_bytes
+        self._error: BaseException | None = None
         self._producer: AIOKafkaProducer | None = None
         self._queue: deque[tuple[str, int, int, str, bytes, bytes, list]] = deque()
         self._sender: asyncio.Task[None] | None = None
@@ -51,15 +83,19 @@ class KafkaSink:
 
     async def start(self) -> None:
         if self._producer is None:
+            # the client-side limit sits above ours, so what we let through is judged by the broker
             self._producer = AIOKafkaProducer(bootstrap_servers=self.brokers, acks="all",
-                                              linger_ms=self._linger_ms, max_batch_size=1 << 20)
+                                              linger_ms=self._linger_ms, max_batch_size=1 << 20,
+                                              max_request_size=self.max_message_bytes + (64 << 10))
             await self._producer.start()
 
     async def stop(self) -> None:
         if self._producer is not None:
-            await self.flush()
-            await self._producer.stop()
-            self._producer = None
+            try:
+                await self.flush()
+            finally:
+                await self._producer.stop()
+                self._producer = None
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -71,10 +107,27 @@ class KafkaSink:
         headers = [("decision_id", decision.decision_id.encode())]
         tenant = decision.headers.get("tenant")
         if tenant:
-            headers.append(("tenant", tenant.encode()))
-        self._enqueue("decisions", part, src.offset if src else -1, decision.key.encode(),
-                      _enc.encode(decision), headers)
+            headers.append(("tenant", tenant.encode()[:256]))
+        key = decision.key.encode()
+        value = _enc.encode(decision)
+        if len(key) + len(value) > self.max_message_bytes:
+            value = _enc.encode(shrink(decision))
+            if len(key) + len(value) > self.max_message_bytes:
+                self._too_large(decision.decision_id, decision.source, part, len(key) + len(value), value)
+                return
+            logger.warning("decision %s was %d bytes: long fields cut to fit %d", decision.decision_id,
+                           len(_enc.encode(decision)), self.max_message_bytes)
+        self._enqueue("decisions", part, src.offset if src else -1, key, value, headers)
         self.written += 1
+
+    def _too_large(self, ident: str, source, part: int, size: int, value: bytes) -> None:
+        """A decision no broker will take goes to the dead letters, saying so."""
+        if source is None:
+            msg = f"decision {ident} of {size} bytes exceeds the maximum message size and has no source position"
+            raise SinkError(msg)
+        self.dead(DeadLetter(f"decision {ident} of {size} bytes exceeds the maximum message size "
+                             f"({self.max_message_bytes} bytes) even with long fields cut",
+                             source, value[:2000].decode("utf-8", "replace"), stage="sink"))
 
     def dead(self, letter: DeadLetter) -> None:
         lid = dead_letter_id(letter)
@@ -94,34 +147,73 @@ class KafkaSink:
         return False
 
     def _enqueue(self, kind: str, part: int, offset: int, key: bytes | None, value: bytes, headers: list) -> None:
+        if self._error is not None:
+            raise self._failed()
         self._queue.append((kind, part, offset, key, value, headers))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
-        """One sender task keeps each partition's records in the order they were written."""
+        """One sender task keeps each partition's records in the order they were written. A
+        record leaves the queue only once the producer has taken it; an error stops the sender
+        and is raised by the next flush, never lost with the task."""
         assert self._producer is not None, "KafkaSink.start() was not called"
         q = self._queue
-        while q:
-            kind, part, offset, key, value, headers = q.popleft()
-            fut = await self._producer.send(self.topics[kind], value=value, key=key, partition=part,
-                                            headers=headers)
-            self._inflight.append((kind, part, offset, fut))
+        try:
+            while q and self._error is None:
+                kind, part, offset, key, value, headers = q[0]
+                try:
+                    fut = await self._producer.send(self.topics[kind], value=value, key=key, partition=part,
+                                                    headers=headers)
+                except _TOO_LARGE as e:
+                    q.popleft()
+                    self._refused(kind, part, offset, value, e)
+                    continue
+                q.popleft()
+                self._inflight.append((kind, part, offset, value, fut))
+        except Exception as e:  # noqa: BLE001 - kept for flush, which stops the worker
+            self._error = e
+
+    def _refused(self, kind: str, part: int, offset: int, value: bytes, e: BaseException) -> None:
+        if kind == "dead":  # a dead letter is small by construction; one refused cannot be kept
+            self._error = e
+            return
+        d = msgspec.json.decode(value, type=Decision)
+        self._too_large(d.decision_id, d.source, part, len(value), value)
+        self.written -= 1
+
+    def _failed(self) -> SinkError:
+        e = self._error
+        msg = f"producing to {sorted(self.topics.values())} failed: {type(e).__name__}: {e}"
+        return SinkError(msg)
 
     async def flush(self) -> None:
-        """Wait until every written record is acknowledged; remember where each landed."""
+        """Wait until every written record is acknowledged; remember where each landed.
+        Raises SinkError if any record could not be produced."""
         if self._producer is None:
             return
-        while self._sender is not None and not self._sender.done() or self._queue:
+        while (self._sender is not None and not self._sender.done() or self._queue) and self._error is None:
             if self._sender is None or self._sender.done():
                 self._sender = asyncio.get_running_loop().create_task(self._send())
             await self._sender
-        await self._producer.flush()
+        if self._error is None:
+            await self._producer.flush()
         inflight, self._inflight = self._inflight, []
-        for kind, part, offset, fut in inflight:
-            md = await fut
+        for kind, part, offset, value, fut in inflight:
+            try:
+                md = await fut
+            except _TOO_LARGE as e:  # the broker's limit is below ours
+                self._refused(kind, part, offset, value, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - see _send
+                self._error = self._error or e
+                continue
             self._outputs.setdefault((kind, part), deque()).append((offset, md.offset))
             self._end[(kind, part)] = md.offset + 1
+        if self._error is not None:
+            raise self._failed()
+        if self._queue:  # dead letters of refused decisions
+            await self.flush()
 
     # -- crash safety -------------------------------------------------------------------------
 

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator
+
+from typing import Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (CommitFailedError, IllegalGenerationError, RebalanceInProgressError,
+                             UnknownMemberIdError)
 from aiokafka.protocol.group import LeaveGroupRequest
 
-UNKNOWN_MEMBER_ID = ""
-
-from ponder.connectors.base import Record
+from ponder.connectors.base import Assignments, Record, fingerprint
+from ponder.connectors.kafka.reader import read_at
 from ponder.types import SourcePos
+
+UNKNOWN_MEMBER_ID = ""
+# a commit the group refused because it moved on (a rebalance, a broker that lost the group)
+_REFUSED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 
 __all__ = ["KafkaSource"]
 
 logger = logging.getLogger(__name__)
-
-
-class Assignments(Protocol):
-    async def assign(self, partitions: list[tuple[str, int]]) -> None: ...
-    async def revoke(self, partitions: list[tuple[str, int]]) -> None: ...
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -111,12 +113,34 @@ class KafkaSource:
                                       m.key.decode("utf-8", "replace") if m.key else None, None, headers))
             yield out
 
-    async def commit(self, positions: dict[tuple[str, int], int]) -> None:
+    async def commit(self, positions: Mapping[tuple[str, int], int]) -> bool:
         if self._consumer is None:
-            return
+            return False
         offsets = {TopicPartition(t, p): o for (t, p), o in positions.items() if (t, p) in self.assigned}
-        if offsets:
+        if not offsets:
+            return True
+        try:
             await self._consumer.commit(offsets)
+        except _REFUSED as e:
+            logger.warning("group %r refused the commit of %s: %s", self.group, positions, e)
+            return False
+        return True
+
+    async def anchors(self, offsets: Mapping[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        found = await read_at(self.brokers, self.topic, {p: o for (_, p), o in offsets.items()})
+        out = {}
+        for (t, p), o in offsets.items():
+            rec = found[p]
+            if isinstance(rec, int):
+                out[(t, p)] = rec
+            else:  # decoded as batches() decodes it, so the fingerprints agree
+                key = rec.key.decode("utf-8", "replace") if rec.key else None
+                out[(t, p)] = fingerprint(key, rec.value if rec.value is not None else b"")
+        return out
+
+    def rewind(self, partitions: list[tuple[str, int]]) -> None:
+        if self._consumer is not None and partitions:
+            self._consumer.seek_to_beginning(*(TopicPartition(t, p) for t, p in partitions))
 
     async def committed(self, topic: str, partition: int) -> int | None:
         assert self._consumer is not None
