@@ -233,7 +233,8 @@ class Worker:
         if self._failure is None:
             self._failure = e
             self._failure_msg = f"{where}: {type(e).__name__}: {e}"
-            logger.error("stopping: %s", self._failure_msg, exc_info=e)
+            logger.error("stopping: %s", self._failure_msg)
+            logger.debug("the error that stopped the worker", exc_info=e)
         self._stopping = True
         self._capacity.set()
 
