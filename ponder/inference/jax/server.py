@@ -10,6 +10,11 @@ a client that sends its stream key there gets its prefix from cache; `usage` rep
 constrains the output. `n` must be 1; `stop` strings end the output (the stop string is not
 included); `logprobs`, `tools` and penalties are not supported.
 
+Bodies are decoded into the msgspec Structs of requests.py, so a malformed request (a token id
+outside the model's vocabulary, NaN, a field of the wrong type) is answered 400 with OpenAI's
+error JSON naming the field (`param`) before it can reach the shared batch. Any other failure
+is answered 500 for its own request; neither closes the kept-alive connection.
+
 Requests are batched continuously by the engine (`JaxEngine.submit`): one that arrives while
 others decode joins them at the next step (up to `max_batch` rows); an idle engine waits
 `max_wait_ms` for a burst to gather. Streamed tokens flow back as they are chosen, and a stream whose client
@@ -21,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
 from typing import Any
 
+from jinja2.exceptions import TemplateError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -42,14 +49,18 @@ from starlette.routing import Route
 
 from .engine import JaxEngine
 from .generate import GenRequest, GenResult
+from .requests import (
+    BadRequest,
+    Bodies,
+    Body,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    prompt_of,
+)
 
 __all__ = ["ModelServer", "create_app", "serve"]
 
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.param, self.code = param, code
+log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
@@ -105,83 +116,50 @@ class _PoolCollector:
 # --- request parsing ------------------------------------------------------------------------
 
 
-def _number(body: dict, name: str, default, kind=float, lo=None, hi=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}", name)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise BadRequest(f"{name}={value} is out of range [{lo}, {hi}]", name)
-    return kind(value)
-
-
-def _schema(body: dict) -> dict | None:
-    rf = body.get("response_format")
-    if rf is None:
-        return None
-    kind = rf.get("type") if isinstance(rf, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema" and isinstance(rf.get("json_schema"), dict) \
-            and isinstance(rf["json_schema"].get("schema"), dict):
-        return rf["json_schema"]["schema"]
-    raise BadRequest("response_format must be {type: text | json_object | json_schema, "
-                     "json_schema: {name, schema}}", "response_format")
-
-
 class _Call:
-    """One parsed generation request."""
+    """One generation request, parsed and checked (BadRequest if it cannot run)."""
 
-    def __init__(self, engine: JaxEngine, body: Any, chat: bool):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
+    def __init__(self, engine: JaxEngine, body: Body, chat: bool):
         gen = engine.generator
+        if body.n not in (None, 1):
+            raise BadRequest(f"`n` is {body.n}: only n=1 is supported", "n")
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content", ""), str) for m in messages):
-                raise BadRequest("messages must be a non-empty list of {role, content: string}", "messages")
-            prompt = engine.encode_chat(messages)
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]  # type: ignore[attr-defined]
+            try:
+                prompt = engine.encode_chat(messages)
+            except TemplateError as e:  # the template's raise_exception: e.g. roles out of order
+                raise BadRequest(f"the chat template refused these `messages`: {e}", "messages") from e
         else:
-            p = body.get("prompt")
-            if isinstance(p, list) and len(p) == 1:
-                p = p[0]
-            if isinstance(p, list) and p and all(isinstance(t, int) for t in p):
-                prompt = list(p)
-            elif isinstance(p, str):
-                prompt = engine.encode_text(p)
-            else:
-                raise BadRequest("prompt must be a string, a list of one string, or token ids", "prompt")
-        if _number(body, "n", 1, int) != 1:
-            raise BadRequest("only n=1 is supported", "n")
+            p = prompt_of(body)
+            prompt = engine.encode_text(p) if isinstance(p, str) else p
+        field = "messages" if chat else "prompt"
+        if not prompt:
+            raise BadRequest(f"`{field}` gives an empty prompt (no tokens)", field)
         left = gen.max_seq_len - len(prompt)
         if left < 1:
-            raise BadRequest(f"the prompt has {len(prompt)} tokens; this model's context is "
-                             f"{gen.max_seq_len}", "messages" if chat else "prompt", "context_length_exceeded")
-        default = left if chat else 16
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default, int, 1)
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
-        session = body.get("session") or body.get("user") or body.get("prompt_cache_key")
-        schema = _schema(body)
+            raise BadRequest(f"the prompt (`{field}`) has {len(prompt)} tokens; this model's context is "
+                             f"{gen.max_seq_len}", field, "context_length_exceeded")
+        max_tokens = body.max_completion_tokens or body.max_tokens or (left if chat else 16)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        session = body.session or body.user or body.prompt_cache_key
+        constraint = None
+        if isinstance(body.response_format, JsonObjectFormat):
+            constraint = self._constraint(engine, {"type": "object"})
+        elif isinstance(body.response_format, JsonSchemaFormat):
+            constraint = self._constraint(engine, body.response_format.json_schema.schema)
+        self.chat, self.stream, self.stop = chat, bool(body.stream), [s for s in stop if s]
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.req = GenRequest(
+            session=session, prompt=prompt, max_tokens=min(max_tokens, left),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, constraint=constraint)
+
+    @staticmethod
+    def _constraint(engine: JaxEngine, schema: dict):
         try:
-            constraint = engine.constraint(schema) if schema is not None else None
+            return engine.constraint(schema)
         except ValueError as e:
             raise BadRequest(str(e), "response_format") from e
-        self.chat, self.stream, self.stop = chat, bool(body.get("stream")), stop
-        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.req = GenRequest(
-            session=str(session) if session is not None else None, prompt=prompt,
-            max_tokens=min(max_tokens, left),
-            temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
-            seed=_number(body, "seed", None, int), constraint=constraint)
 
 
 def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -206,9 +184,12 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
     engine.feed.on_admit, engine.feed.on_done = metrics.batch.observe, metrics.on_done
     created = int(time.time())
 
+    bodies: list[Bodies] = []  # the request decoders: token ids need the loaded model's vocabulary
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await engine.start()
+        bodies[:] = [Bodies(engine.cfg.vocab_size)]
         yield
         await engine.stop()
 
@@ -224,20 +205,25 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def generate(request: HttpRequest, chat: bool):
+        """Answer one request. Whatever goes wrong is answered for this request alone, as
+        OpenAI's error JSON (an exception escaping to uvicorn would also drop the connection)."""
         endpoint = "chat" if chat else "completions"
         try:
-            call = _Call(engine, await request.json(), chat)
-        except json.JSONDecodeError:
-            metrics.requests.labels(endpoint, "400").inc()
-            return _error(400, "the request body is not valid JSON")
+            response = await _answer(request, chat)
         except BadRequest as e:
-            metrics.requests.labels(endpoint, "400").inc()
-            return _error(400, str(e), param=e.param, code=e.code)
+            response = _error(400, str(e), param=e.param, code=e.code)
+        except Exception as e:  # a bug shows up as this request's 500, nothing more
+            log.exception("serve-model: a %s request failed", endpoint)
+            response = _error(500, f"{type(e).__name__}: {e}", "server_error")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def _answer(request: HttpRequest, chat: bool) -> Response:
+        call = _Call(engine, bodies[0].parse(await request.body(), chat), chat)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": engine.model}
         if call.stream:
-            metrics.requests.labels(endpoint, "200").inc()
             return StreamingResponse(_stream(call, head), media_type="text/event-stream")
         if call.stop:
             call.req.on_token = _stopper(engine, call.stop)
@@ -251,14 +237,10 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         watcher = asyncio.create_task(watch())
         try:
             res = await engine.submit(call.req)
-        except Exception as e:  # noqa: BLE001 - the whole batch failed
-            res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
         finally:
             watcher.cancel()
         if res.error:
-            metrics.requests.labels(endpoint, "500").inc()
             return _error(500, res.error, "server_error")
-        metrics.requests.labels(endpoint, "200").inc()
         text, stopped = _cut(engine.decode(res.tokens), call.stop)
         finish = "stop" if stopped else res.finish_reason
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -290,6 +272,10 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
+        def error(message: str) -> str:
+            body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+            return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
         try:
             if call.chat:
                 first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -306,13 +292,9 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
                 if len(text) > len(sent) and text.startswith(sent):
                     yield chunk(text[len(sent) :])
                     sent = text
-            try:
-                res = task.result()
-            except Exception as e:  # noqa: BLE001
-                res = GenResult(finish_reason="error", error=f"{type(e).__name__}: {e}")
+            res = task.result()
             if res.error:
-                yield f"data: {json.dumps({'error': {'message': res.error, 'type': 'server_error'}})}\n\n"
-                yield "data: [DONE]\n\n"
+                yield error(res.error)
                 return
             text, stopped = _cut(engine.decode(res.tokens), call.stop)
             if len(text) > len(sent) and text.startswith(sent):
@@ -321,6 +303,9 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
             if call.include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(res)})}\n\n"
             yield "data: [DONE]\n\n"
+        except Exception as e:  # the 200 is out: a failure can only be an event now
+            log.exception("serve-model: a streamed request failed")
+            yield error(f"{type(e).__name__}: {e}")
         finally:  # also when the client disconnects mid-stream
             gone.set()
 
