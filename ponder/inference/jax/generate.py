@@ -416,6 +416,11 @@ class Generator:
                    f"{r.max_tokens} does not fit: need 1 <= prompt < {self.max_seq_len} tokens "
                    f"and max_tokens >= 1")
             return _Row(tag, key, r, finish="error", error=msg)
+        vocab = self.cfg.vocab_size
+        bad = next((t for t in r.prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:  # one bad id must not fail the other rows of its batch
+            msg = f"request {tag} (session {r.session!r}): token id {bad!r} is not in 0..{vocab - 1}"
+            return _Row(tag, key, r, finish="error", error=msg)
         if r.max_tokens > self.max_seq_len - n:
             r = replace(r, max_tokens=self.max_seq_len - n)
         need = -(-(n + r.max_tokens) // self.pool.page_size)
