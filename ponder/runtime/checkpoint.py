@@ -163,7 +163,7 @@ class Partitions:
         from ponder.state.rocks import RocksStore  # only runs past the bound need RocksDB
 
         self._tmpdir = tempfile.mkdtemp(prefix="ponder-state-")
-        disk = RocksStore(Path(self._tmpdir) / "state")
+        disk = RocksStore(Path(self._tmpdir) / "state", durable=False)
         old = self.store
         disk.write(dict(old.items()), old.positions(), old.meta())
         self.store = disk
@@ -207,11 +207,13 @@ class Partitions:
         for k in [k for k in self._dirty if k not in busy]:
             tp = self._tp[k]
             st = self._hot.get(k)
-            raw = _state_enc.encode(st) if st is not None else self._store(tp).get(k)
-            by_tp.setdefault(tp, {})[k] = raw
             del self._dirty[k]
-            if st is None:
-                del self._tp[k]
+            if st is not None:
+                by_tp.setdefault(tp, {})[k] = _state_enc.encode(st)
+                continue
+            del self._tp[k]
+            if self.changelog is not None:  # spilled: in the store already, not yet published
+                by_tp.setdefault(tp, {})[k] = self._store(tp).get(k)
         for k, first in self._dirty.items():
             tp = self._tp[k]
             if tp in positions and first < positions[tp]:

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from ponder.state.base import Positions
 
@@ -25,12 +25,17 @@ def _pos_key(topic: str, partition: int) -> bytes:
 
 
 class RocksStore:
-    def __init__(self, path: str | Path) -> None:
+    """:param durable: False skips the write-ahead log, for a scratch store nothing restores
+        from (a file run's spilled keys): a crash loses it whole, which is all it may lose."""
+
+    def __init__(self, path: str | Path, *, durable: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         self._db = Rdict(str(self.path), options=opts)
+        self._write_opts = WriteOptions()
+        self._write_opts.disable_wal = not durable
 
     def get(self, key: str) -> bytes | None:
         return self._db.get(b"s:" + key.encode())
@@ -47,7 +52,7 @@ class RocksStore:
             wb.put(_pos_key(topic, partition), _I64.pack(offset))
         for name, value in (meta or {}).items():
             wb.put(b"m:" + name.encode(), _I64.pack(value))
-        self._db.write(wb)
+        self._db.write(wb, self._write_opts)
 
     def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         for k, v in self._db.items(from_key=prefix):
