@@ -89,6 +89,7 @@ class Trace(msgspec.Struct, frozen=True):
     route: list[str]  # tiers tried, in order
     spans: list[Span] = []
     errors: list[str] = []
+    skipped: list[str] = []  # tiers passed over without a call, and why: "edge: breaker open"
 
 
 class Decision(msgspec.Struct, frozen=True):

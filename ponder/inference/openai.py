@@ -12,9 +12,12 @@ prefix caching (vLLM, llama.cpp slots) needs to hit:
 `request.session` (the stream key) goes in the standard `user` field, which every server
 accepts; `session_fields` adds or renames fields (e.g. `prompt_cache_key` for OpenAI).
 
-Failures. A transient failure (connect error, timeout, 429, 5xx) is retried `retries` times
+Failures. A transient failure (timeout, reset connection, 429, 5xx) is retried `retries` times
 with exponential backoff and jitter, waiting at least what `Retry-After` asks. Any other 4xx
-is not retried. A request that still fails yields a Completion with `error` set, so one bad
+is not retried, and neither is a failure to connect (refused, connect timeout): a backend
+that is down stays down for longer than a backoff, retrying every request of an outage
+multiplies the load on it when it comes back, and the router's breaker is what decides when
+to try again. A request that still fails yields a Completion with `error` set, so one bad
 request does not fail its batch; but when *no* request of a batch could even connect, the
 backend as a whole is down and `generate` raises EngineError.
 
@@ -141,7 +144,7 @@ class OpenAIEngine:
         return Completion("", Usage(), self.model, finish_reason="error", error=error[:500])
 
     async def _one(self, req: Request) -> tuple[Completion, bool]:
-        """(completion, unreachable): unreachable means no attempt could connect at all."""
+        """(completion, unreachable): unreachable means the last attempt could not connect."""
         assert self._client is not None
         body = self.body(req)
         attempt = 0
@@ -151,15 +154,17 @@ class OpenAIEngine:
                 async with self._sem:
                     r = await self._client.post(self.url, content=msgspec.json.encode(body))
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                error, unreachable = f"connect failed: {type(e).__name__}: {e}", True
+                # fail fast: see "Failures" above
+                error = f"connect failed: {type(e).__name__}: {e}"
+                return self._fail(f"{error} (after {attempt + 1} attempts)" if attempt else error), True
             except httpx.TimeoutException as e:
-                error, unreachable = f"timed out after {self.timeout_s}s: {type(e).__name__}", False
+                error = f"timed out after {self.timeout_s}s: {type(e).__name__}"
             except httpx.TransportError as e:  # reset, protocol error: worth another try
-                error, unreachable = f"transport error: {type(e).__name__}: {e}", False
+                error = f"transport error: {type(e).__name__}: {e}"
             else:
                 if r.status_code == 200:
                     return self._parse(r), False
-                error, unreachable = f"HTTP {r.status_code}: {r.text[:300]}", False
+                error = f"HTTP {r.status_code}: {r.text[:300]}"
                 if r.status_code == 400 and self.structured == "auto" and "response_format" in body \
                         and any(w in r.text for w in ("response_format", "json_schema")):
                     logger.warning("%s rejects response_format; sending no schema from now on: %s",
@@ -171,7 +176,7 @@ class OpenAIEngine:
                     return self._fail(error), False
                 wait = _retry_after(r.headers.get("retry-after"))
             if attempt >= self.retries:
-                return self._fail(f"{error} (after {attempt + 1} attempts)"), unreachable
+                return self._fail(f"{error} (after {attempt + 1} attempts)"), False
             backoff = self.backoff_s * 2**attempt * random.uniform(0.5, 1.0)
             await asyncio.sleep(min(max(backoff, wait), self.timeout_s))
             attempt += 1

@@ -48,7 +48,8 @@ class Reasoner:
         t0 = self.clock()
         router = self.router
         need = self.policy.token_budget
-        tier = router.first(verdict.score, need)
+        skipped: list[str] = []  # tiers passed over without a call, and why
+        tier = router.first(verdict.score, need, skipped)
         degraded = tier != router.wanted(verdict.score)
         tried: set[str] = set()
         route: list[str] = []
@@ -78,7 +79,7 @@ class Reasoner:
                     break
                 router.failed(tier)
                 degraded = True
-                tier = router.down(tier, tried)
+                tier = router.down(tier, tried, skipped=skipped)
                 continue
             u = comp.usage
             prompt_tokens += u.prompt_tokens
@@ -89,17 +90,17 @@ class Reasoner:
             answer, err = parse_answer(comp.text, self.actions)
             if answer is None:
                 errors.append(f"{tier}: {err}"[:300])
-                nxt = router.up(tier, tried, need)
+                nxt = router.up(tier, tried, need, skipped)
                 if nxt is None:
                     degraded = True
-                    nxt = router.down(tier, tried) if tier != "reflex" else None
+                    nxt = router.down(tier, tried, skipped=skipped) if tier != "reflex" else None
                 if nxt is None or nxt in tried:
                     break
                 tier = nxt
                 continue
             if answer.confidence < spec.min_confidence:
                 best = best or (answer, tier, comp.model)
-                nxt = router.up(tier, tried, need)
+                nxt = router.up(tier, tried, need, skipped)
                 if nxt is not None:
                     tier = nxt
                     continue
@@ -129,6 +130,6 @@ class Reasoner:
             evidence=evidence,
             ts=event.ts,
             source=event.source,
-            trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors),
+            trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped),
             headers=event.headers,
         )

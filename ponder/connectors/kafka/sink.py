@@ -55,7 +55,8 @@ def shrink(d: Decision) -> Decision:
     t = d.trace
     trace = None if t is None else Trace(t.gate_score, msgspec.convert(_cut(msgspec.to_builtins(t.findings[:8])),
                                                                        type(t.findings)),
-                                         t.route, t.spans, [_cut(e) for e in t.errors[:8]])
+                                         t.route, t.spans, [_cut(e) for e in t.errors[:8]],
+                                         [_cut(x) for x in t.skipped[:8]])
     return msgspec.structs.replace(
         d, reason=_cut(d.reason, 400), evidence={**_cut(d.evidence), "shrunk": True}, trace=trace,
         headers=_cut(d.headers))
