@@ -273,7 +273,7 @@ async def test_pipeline_edge_tier_over_http():
                for b in bodies)
     # key A's second call extends its first call's data block (append-only, no compaction yet)
     a1, a2 = [b["messages"][1]["content"] for b in bodies if b["user"] == "A"]
-    assert a1.startswith("<data key=") and a2.startswith(a1[: a1.index("</data>")])
+    assert a1.startswith("<data key=") and a2.startswith(a1[: a1.index("\nStatistics after") + 1])
 
 
 async def test_pipeline_invalid_model_answer_falls_back_to_reflex():

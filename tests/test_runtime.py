@@ -29,7 +29,7 @@ from ponder.types import DeadLetter, Decision, SourcePos, Usage, decision_id
 TOPIC = "memory"
 ACTIONS = ("none", "alert", "inspect")
 EDGE_USAGE = Usage(10, 4, 5)
-_SEQ = re.compile(r"^- seq: .* last=(\d+) ", re.M)
+_SEQ = re.compile(r'^- "seq": .* last=(\d+) ', re.M)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_the_prompt_shows_the_escalated_event():
     for r in eng.requests:
         s = seq_of(r)
         recent = r.prefix.split("Recent events (oldest first):\n", 1)[1]
-        if f" seq={s} " not in recent:
+        if f' "seq"={s} ' not in recent:
             missing.append(s)
     assert missing == []
 
