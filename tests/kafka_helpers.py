@@ -112,3 +112,91 @@ def decision_rows(records) -> list[tuple]:
         d = _dec.decode(r.value)
         rows.append((d["key"], d["ts"], d["action"], d["severity"], d["reason"], d["confidence"], d["tier"]))
     return sorted(rows)
+
+
+# -- fault tests (tests/test_faults_kafka.py, tests/test_network_partition.py) -------------------
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pipeline_worker_cmd(ref: str, brokers: str, *, group: str, state_dir: Path, partitions: int, topics: str,
+                        checkpoint: float = 0.3, session_timeout_ms: int = 6000) -> list[str]:
+    """A worker for pipeline `ref` (a tests/ module is importable: see `worker_pythonpath`) reading
+    `in-TOPICS` and writing `out-TOPICS` / `dead-TOPICS`."""
+    return [sys.executable, "-m", "ponder.cli", "worker", ref,
+            "--brokers", brokers, "--group", group, "--state-dir", str(state_dir),
+            "--input-topic", f"in-{topics}", "--output-topic", f"out-{topics}",
+            "--dead-letter-topic", f"dead-{topics}", "--partitions", str(partitions),
+            "--checkpoint-interval", str(checkpoint), "--session-timeout-ms", str(session_timeout_ms)]
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for a worker subprocess that loads a pipeline module from tests/."""
+    return os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def rocks_states(state_dir: Path, group: str, topic: str, partitions: int) -> dict[str, bytes]:
+    """Every key state in a (stopped) worker's RocksDB stores, as stored bytes."""
+    from ponder.state.rocks import RocksStore
+
+    out = {}
+    for p in range(partitions):
+        path = state_dir / group / f"{topic}-{p}"
+        if path.exists():
+            s = RocksStore(path)
+            out.update(dict(s.items()))
+            s.close()
+    return out
+
+
+def decision_duplicates(records) -> tuple[list[str], list[tuple]]:
+    """Decision ids and (key, partition, offset, epoch) positions that occur more than once."""
+    ids: dict[str, int] = {}
+    at: dict[tuple, int] = {}
+    for r in records:
+        i = dict(r.headers)["decision_id"].decode()
+        ids[i] = ids.get(i, 0) + 1
+        d = _dec.decode(r.value)
+        pos = (d["key"], *d["source"][1:])
+        at[pos] = at.get(pos, 0) + 1
+    return sorted(i for i, n in ids.items() if n > 1), sorted(p for p, n in at.items() if n > 1)
+
+
+_LOG_NOISE = ("httpx: HTTP Request", "Unable connect to node", "Unable to update metadata", "NodeNotReadyError",
+              "subscription_state: Updating subscribed", "Elected group leader", "Successfully synced group")
+
+
+def duplicate_copies(records, ids: list[str], limit: int = 5) -> str:
+    """Where each copy of the first duplicated decision ids landed: output partition, offset
+    and the producer's timestamp (when the writing worker sent it), for diagnosis."""
+    lines = []
+    for i in ids[:limit]:
+        copies = [r for r in records if dict(r.headers)["decision_id"].decode() == i]
+        src = _dec.decode(copies[0].value)["source"]
+        at = ", ".join(f"out[{r.partition}]@{r.offset} t={r.timestamp}" for r in copies)
+        lines.append(f"{i[:12]} (input {src}): {at}")
+    return "\n".join(lines)
+
+
+def log_excerpt(log: Path, lines: int = 40) -> str:
+    """The tail of a worker log for assertion messages, without per-request HTTP lines, the
+    reconnect attempts aiokafka logs many times a second while a broker is unreachable, and
+    routine group chatter."""
+    all_lines = log.read_text(errors="replace").splitlines()
+    kept = [ln for ln in all_lines if not any(n in ln for n in _LOG_NOISE)]
+    dropped = len(all_lines) - len(kept)
+    head = [f"({dropped} HTTP/reconnect/routine lines left out)"] if dropped else []
+    return "\n".join(head + kept[-lines:]) or "(empty log)"
+
+
+def publish_events(brokers: str, topic: str, events: list[dict], partitions: int,
+                   key_field: str = "device_id") -> dict[int, int]:
+    """Publish simulator events keyed by device; return every partition's end offset."""
+    enc = msgspec.json.Encoder()
+    return asyncio.run(publish(brokers, topic, [enc.encode(e) for e in events],
+                               [e[key_field].encode() for e in events], partitions))
+
+
+def rows_of(decisions) -> list[tuple]:
+    """`decision_rows` of Decision objects (a local run's sink)."""
+    return sorted((d.key, d.ts, d.action, d.severity, d.reason, d.confidence, d.tier) for d in decisions)

@@ -23,7 +23,7 @@ import msgspec
 from ponder.types import DeadLetter, Decision, SourcePos
 
 __all__ = ["Record", "Source", "Sink", "CommittingSource", "ReplayableSink", "Assignments",
-           "SinkError", "fingerprint", "BEFORE_START", "BEYOND_END"]
+           "SinkError", "MembershipUnsure", "fingerprint", "BEFORE_START", "BEYOND_END"]
 
 # what `CommittingSource.anchors` answers for an offset it cannot read
 BEFORE_START = -1  # removed by retention: the log is older than that offset, not a new one
@@ -33,6 +33,12 @@ BEYOND_END = -2  # the log does not reach that offset: it started again
 class SinkError(RuntimeError):
     """A sink could not make an output durable and cannot retry: the worker must stop before
     committing past the input that caused it."""
+
+
+class MembershipUnsure(RuntimeError):
+    """Not now: the consumer group may have moved our partitions on, so nothing may be made
+    durable until it says otherwise (the partitions come back, or are lost). Not an error of
+    the worker: the checkpoint is skipped and tried again."""
 
 
 class Record(msgspec.Struct):
@@ -87,6 +93,10 @@ class Assignments(Protocol):
     async def assign(self, partitions: list[tuple[str, int]]) -> None: ...
     async def revoke(self, partitions: list[tuple[str, int]]) -> None: ...
 
+    async def lose(self, partitions: list[tuple[str, int]]) -> None:
+        """The group already gave these partitions to another member: drop, never commit."""
+        ...
+
 
 @runtime_checkable
 class CommittingSource(Source, Protocol):
@@ -110,6 +120,11 @@ class CommittingSource(Source, Protocol):
         """Read these partitions again from their first offset (a new epoch)."""
         ...
 
+    def member(self) -> bool:
+        """Whether the group certainly still counts this worker as the owner of its
+        partitions; a checkpoint publishes nothing when it does not."""
+        ...
+
     def pause(self) -> None: ...
     def resume(self) -> None: ...
 
@@ -124,6 +139,10 @@ class ReplayableSink(Sink, Protocol):
 
     async def recover(self, metas: Mapping[int, Mapping[str, int]]) -> int:
         """Before input partitions are replayed, learn which of their outputs exist."""
+        ...
+
+    def abandon(self, partition: int) -> int:
+        """Drop the not-yet-sent outputs of a lost input partition."""
         ...
 
     def forget(self, partition: int) -> None: ...

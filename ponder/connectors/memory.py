@@ -161,6 +161,9 @@ class MemoryLogSource:
         for _, p in partitions:
             self.positions[p] = 0
 
+    def member(self) -> bool:
+        return True
+
     def pause(self) -> None:
         pass
 

@@ -42,9 +42,14 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
 
     source = KafkaSource(brokers, t_in, group, session_timeout_ms=session_timeout_ms,
                          rebalance_timeout_ms=session_timeout_ms)
-    sink = KafkaSink(brokers, t_out, t_dead)
+    # producers hand records over only within the source's membership lease (half a session)
+    # and give each up within the other half: nothing lands after the group could move on
+    give_up_ms = max(1000, session_timeout_ms // 2)
+    sink = KafkaSink(brokers, t_out, t_dead, may_send=source.member, request_timeout_ms=give_up_ms,
+                     max_hold_s=3 * session_timeout_ms / 1000)
     return pipe.worker(source, sink, engines=engines, open_store=open_store,
-                       changelog=KafkaChangelog(brokers, t_log), checkpoint_every_s=checkpoint_every_s)
+                       changelog=KafkaChangelog(brokers, t_log, request_timeout_ms=give_up_ms),
+                       checkpoint_every_s=checkpoint_every_s)
 
 
 async def run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, **kw) -> RunStats:

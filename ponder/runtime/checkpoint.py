@@ -29,8 +29,8 @@ from typing import Callable, Iterable
 
 import msgspec
 
-from ponder.connectors.base import (BEFORE_START, BEYOND_END, CommittingSource, Record, ReplayableSink,
-                                    Sink, Source, record_fingerprint)
+from ponder.connectors.base import (BEFORE_START, BEYOND_END, CommittingSource, MembershipUnsure, Record,
+                                    ReplayableSink, Sink, Source, record_fingerprint)
 from ponder.operators.keyed import KeyState
 from ponder.runtime.tracker import CompletionTracker
 from ponder.state.base import Changelog, Store
@@ -76,6 +76,8 @@ class Partitions:
         self._hot: OrderedDict[str, KeyState] = OrderedDict()
         self._tp: dict[str, TP] = {}  # partition of every hot or dirty key
         self._dirty: dict[str, int] = {}
+        # key with work in flight -> (its state after its last finished event, the next offset)
+        self._snap: dict[str, tuple[bytes, int]] = {}
         self.assigned: set[TP] | None = None  # None: a source without assignment
         self.epochs: dict[TP, int] = {}
         self._last: dict[TP, Record] = {}  # last record admitted per partition (its anchor)
@@ -131,6 +133,14 @@ class Partitions:
         self._last[tp] = rec
         return True
 
+    def settled(self, key: str, next_offset: int) -> None:
+        """The key's lane has finished every event before `next_offset` and goes on: keep a
+        copy of the state as it is now, which a checkpoint may store while the lane runs."""
+        self._snap[key] = (_state_enc.encode(self._hot[key]), next_offset)
+
+    def unsettled(self, key: str) -> None:
+        self._snap.pop(key, None)
+
     def evict(self, busy: Iterable[str] | dict) -> None:
         """Bring the hot keys down to the bound, least recently used first. Keys with work in
         flight stay; dirty ones are spilled to their store (and stay dirty, so the next
@@ -177,21 +187,36 @@ class Partitions:
 
     async def checkpoint(self, tracker: CompletionTracker, sink: Sink, source: Source,
                          busy: dict | set) -> dict[TP, int]:
-        """Make progress durable. Serialised with assign and revoke."""
+        """Make progress durable. Serialised with assign and revoke. Skipped (returns {}) while
+        the consumer group may have moved our partitions on."""
         async with self._lock:
-            return await self._checkpoint(tracker, sink, source, busy)
+            dirty, snaps = dict(self._dirty), dict(self._snap)
+            tps = {k: self._tp[k] for k in dirty}
+            try:
+                return await self._checkpoint(tracker, sink, source, busy)
+            except MembershipUnsure as e:
+                # nothing was published or committed: the keys are as dirty as before
+                for k, first in dirty.items():
+                    self._tp.setdefault(k, tps[k])
+                    self._dirty[k] = min(first, self._dirty.get(k, first))
+                for k, snap in snaps.items():
+                    self._snap.setdefault(k, snap)
+                logger.warning("checkpoint skipped: %s", e)
+                return {}
 
     async def _checkpoint(self, tracker: CompletionTracker, sink: Sink, source: Source,
                           busy: dict | set) -> dict[TP, int]:
         """In this order:
 
-        1. take the positions below which every event is done, then flush the sink, so every
-           output of those events is acknowledged;
-        2. collect the states of idle dirty keys; a key with work in flight (in `busy`) stays
-           dirty and holds its partition's position below its oldest unstored event, so a crash
-           replays it;
-        3. publish those states and the bookkeeping (positions, where the outputs of
-           uncommitted input begin, epoch, anchor) to the changelog and wait for the broker;
+        1. take the positions below which every event is done, and the states to store, with
+           no await in between: the idle dirty keys' states, and for a key with work in flight
+           the copy its lane took after its last finished event (`settled`). Such a key stays
+           dirty and holds its partition's position below its first unfinished event, so a
+           crash replays it. Everything taken reflects only events whose outputs were written
+           before step 2 began;
+        2. flush the sink, so every one of those outputs is acknowledged;
+        3. publish the states and the bookkeeping (positions, where the outputs of uncommitted
+           input begin, epoch, anchor) to the changelog and wait for the broker;
         4. write the same to each partition's store in one batch;
         5. commit the positions at the source, if it takes commits.
 
@@ -201,41 +226,51 @@ class Partitions:
         positions = tracker.committable()
         if self.assigned is not None:
             positions = {tp: o for tp, o in positions.items() if tp in self.assigned}
-        await sink.flush()
-        # Step 2.
         by_tp: dict[TP, dict[str, bytes | None]] = {tp: {} for tp in positions}
-        for k in [k for k in self._dirty if k not in busy]:
+        for k in list(self._dirty):
             tp = self._tp[k]
-            st = self._hot.get(k)
+            if k in busy:
+                snap = self._snap.pop(k, None)
+                if snap is not None:
+                    by_tp.setdefault(tp, {})[k], self._dirty[k] = snap
+                first = self._dirty[k]
+                if tp in positions and first < positions[tp]:
+                    positions[tp] = first
+                continue
             del self._dirty[k]
+            st = self._hot.get(k)
             if st is not None:
                 by_tp.setdefault(tp, {})[k] = _state_enc.encode(st)
                 continue
             del self._tp[k]
             if self.changelog is not None:  # spilled: in the store already, not yet published
                 by_tp.setdefault(tp, {})[k] = self._store(tp).get(k)
-        for k, first in self._dirty.items():
-            tp = self._tp[k]
-            if tp in positions and first < positions[tp]:
-                positions[tp] = first
+        anchors = {tp: (last.source.offset, record_fingerprint(last)) for tp in positions
+                   if (last := self._last.get(tp)) is not None}
+        # Step 2.
+        await sink.flush()
         metas: dict[TP, dict[str, int]] = {}
         for tp in by_tp:
             meta = {"epoch": self.epochs.get(tp, 0)}
             if tp in positions:
                 if isinstance(sink, ReplayableSink):
                     meta.update(sink.checkpoint_meta(tp[1], positions[tp]))
-                last = self._last.get(tp)
-                if last is not None:
-                    meta["anchor_offset"] = last.source.offset
-                    meta["anchor"] = record_fingerprint(last)
+                if tp in anchors:
+                    meta["anchor_offset"], meta["anchor"] = anchors[tp]
             metas[tp] = meta
         # Step 3.
+        if isinstance(source, CommittingSource) and not source.member():
+            # a group that may have handed our partitions on must not see our states
+            msg = "not sure of the group membership: states held back"
+            raise MembershipUnsure(msg)
         if self.changelog is not None and by_tp:
             reached = await self.changelog.publish({tp[1]: (by_tp[tp], metas[tp]) for tp in by_tp})
             for tp in by_tp:
                 metas[tp]["changelog"] = reached[tp[1]]
         # Step 4.
         for tp, states in by_tp.items():
+            if self.assigned is not None and tp not in self.assigned:
+                continue  # revoked while this checkpoint waited: its store is closed for good
             self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, metas[tp])
         # Step 5.
         if isinstance(source, CommittingSource) and positions:
@@ -279,8 +314,10 @@ class Partitions:
                                "again; reading it from its start as epoch %d", tp[0], tp[1], why,
                                anchored[tp], self.epochs[tp])
                 restart.append(tp)
+                # outputs of the new epoch start wherever the output topic now ends
                 meta.pop("decisions_from", None)
                 meta.pop("dead_from", None)
+                meta["epoch"] = self.epochs[tp]
             if restart and isinstance(source, CommittingSource):
                 source.rewind(restart)
             # Step 3.
@@ -294,12 +331,36 @@ class Partitions:
         then forget their keys and close their stores."""
         async with self._lock:
             await drain()
-            await self._checkpoint(tracker, sink, source, busy)
             gone = set(tps)
+            try:
+                await self._checkpoint(tracker, sink, source, busy)
+            except MembershipUnsure as e:
+                # handed back without a word from the group for too long: treat them as lost
+                logger.warning("revoking %s without a checkpoint: %s", tps, e)
+                if isinstance(sink, ReplayableSink):
+                    for tp in gone:
+                        sink.abandon(tp[1])
             if self.assigned is not None:
                 self.assigned -= gone
             self._forget(gone, tracker, sink)
             logger.info("revoked %s", tps)
+
+    async def lose(self, tps: list[TP], drain: Callable[[], object], tracker: CompletionTracker,
+                   sink: Sink) -> None:
+        """The group gave these partitions to another member before we could hand them back
+        (our session expired): finish in-flight work, but drop what it and anything earlier
+        still wants to write, commit nothing, and forget them. The new owner replays from the
+        last commit and reproduces exactly what is dropped here."""
+        async with self._lock:
+            await drain()
+            gone = set(tps)
+            if self.assigned is not None:
+                self.assigned -= gone
+            if isinstance(sink, ReplayableSink):
+                for tp in gone:
+                    sink.abandon(tp[1])
+            self._forget(gone, tracker, sink)
+            logger.warning("lost %s to another member: nothing more is written for them", tps)
 
     async def new_epoch(self, tp: TP, drain: Callable[[], object], tracker: CompletionTracker,
                         sink: Sink, source: Source, busy: dict | set) -> None:
@@ -319,6 +380,7 @@ class Partitions:
             del self._tp[key]
             self._hot.pop(key, None)
             self._dirty.pop(key, None)
+            self._snap.pop(key, None)
         for tp in gone:
             tracker.forget(*tp)
             self._last.pop(tp, None)

@@ -105,6 +105,7 @@ class Worker:
                                      changelog=changelog, max_hot_keys=max_hot_keys)
         self.max_inflight = max_inflight
         self.checkpoint_every_s = checkpoint_every_s
+        self.close_timeout_s = 15.0
         self.progress = progress
         self.tracker = CompletionTracker()
         self.stats = RunStats()
@@ -203,10 +204,12 @@ class Worker:
             closers.append(self.partitions.changelog.stop)
         closers.extend(e.stop for e in self.engines.values())
         for close in closers:
+            # bounded: a broker that is gone must not keep a failed worker from exiting
             try:
-                await close()
-            except Exception:  # noqa: BLE001 - one failing close must not keep the rest open
-                logger.exception("closing %r failed", close)
+                await asyncio.wait_for(close(), self.close_timeout_s)
+            except Exception as e:  # noqa: BLE001 - one failing close must not keep the rest open
+                logger.warning("closing %s failed: %s: %s", getattr(close, "__self__", close),
+                               type(e).__name__, e)
         self.partitions.close()
         self.stats.elapsed_s = time.perf_counter() - self.stats.started
         self.stats.keys = self.partitions.new_keys
@@ -314,6 +317,9 @@ class Worker:
                 if not lane or self._failure is not None:
                     break
                 ev = lane.popleft()
+                # a checkpoint may store this key's state as of now, with positions held
+                # below `ev`: a lane that never empties must not hold commits back for good
+                self.partitions.settled(key, ev.source.offset)
                 verdict = self._observe(ev)
         except asyncio.CancelledError:
             raise
@@ -321,6 +327,7 @@ class Worker:
             self._fail(e, f"key {key!r} at {ev.source}")
         finally:
             del self._lanes[key]
+            self.partitions.unsettled(key)
 
     async def _decide(self, ev: Event, verdict: Verdict) -> None:
         try:
@@ -375,6 +382,14 @@ class Worker:
             await self.partitions.assign(partitions, self.sink, self.source)
         except Exception as e:
             self._fail(e, f"assigning {partitions}")
+            raise
+
+    async def lose(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions the group gave away before we handed them back: drop, never commit."""
+        try:
+            await self.partitions.lose(partitions, self.drain, self.tracker, self.sink)
+        except Exception as e:
+            self._fail(e, f"losing {partitions}")
             raise
 
     async def revoke(self, partitions: list[tuple[str, int]]) -> None:

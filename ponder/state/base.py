@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, Mapping, Protocol, runtime_checkable
 
-__all__ = ["Store", "Changelog", "Positions"]
+__all__ = ["Store", "Changelog", "ChangelogError", "Positions"]
 
 # (topic, partition) -> next offset to process
 Positions = Mapping[tuple[str, int], int]
@@ -28,6 +28,10 @@ class Store(Protocol):
     def meta(self) -> dict[str, int]: ...
     def items(self) -> Iterator[tuple[str, bytes]]: ...
     def close(self) -> None: ...
+
+
+class ChangelogError(RuntimeError):
+    """A checkpoint could not make states durable; nothing may be committed."""
 
 
 @runtime_checkable

@@ -8,6 +8,7 @@ state older than the changelog, replays the changelog from the offset its store 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Mapping
 
@@ -15,7 +16,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 
 from ponder.connectors.kafka.reader import read_to_end
-from ponder.state.base import Store
+from ponder.state.base import ChangelogError, Store
 
 __all__ = ["KafkaChangelog"]
 
@@ -29,9 +30,10 @@ _meta_dec = msgspec.msgpack.Decoder(dict[str, int])
 class KafkaChangelog:
     """Publish and restore the states of one store per input partition."""
 
-    def __init__(self, brokers: str, topic: str) -> None:
+    def __init__(self, brokers: str, topic: str, *, request_timeout_ms: int = 40_000) -> None:
         self.brokers = brokers
         self.topic = topic
+        self._request_timeout_ms = request_timeout_ms
         self._producer: AIOKafkaProducer | None = None
         self.restored_records = 0
 
@@ -41,7 +43,8 @@ class KafkaChangelog:
             # because aiokafka keeps one request in flight per partition
             self._producer = AIOKafkaProducer(bootstrap_servers=self.brokers, acks="all",
                                               linger_ms=2, max_batch_size=1 << 20,
-                                              max_request_size=8 << 20)
+                                              max_request_size=8 << 20,
+                                              request_timeout_ms=self._request_timeout_ms)
             await self._producer.start()
 
     async def stop(self) -> None:
@@ -51,18 +54,39 @@ class KafkaChangelog:
 
     async def publish(self, batches: Mapping[int, tuple[Mapping[str, bytes | None], Mapping[str, int]]]
                       ) -> dict[int, int]:
+        try:
+            return await self._publish(batches)
+        except ChangelogError as e:
+            # a producer connected before a broker lost its topics can be refused for good on
+            # the re-created ones (seen with Tansu: UnknownError) while a new one is accepted.
+            # Publishing again is harmless: the records are whole states, the newest read last.
+            logger.warning("%s; publishing again with a new producer", e)
+            await self.stop()
+            await self.start()
+            return await self._publish(batches)
+
+    async def _publish(self, batches: Mapping[int, tuple[Mapping[str, bytes | None], Mapping[str, int]]]
+                      ) -> dict[int, int]:
         """Send the states and one meta record per partition; once the broker has acknowledged
         all of them (one flush for all partitions), return each partition's next offset."""
         assert self._producer is not None, "KafkaChangelog.start() was not called"
         send = self._producer.send
+        futs: list[asyncio.Future] = []
         last = {}
         for partition, (states, meta) in batches.items():
             for key, value in states.items():
-                await send(self.topic, value=value, key=key.encode(), partition=partition)
+                futs.append(await send(self.topic, value=value, key=key.encode(), partition=partition))
             last[partition] = await send(self.topic, value=_meta_codec.encode(dict(meta)), key=b"\0meta",
                                          partition=partition, headers=[(_META_HEADER, b"1")])
-        await self._producer.flush()
-        return {p: (await fut).offset + 1 for p, fut in last.items()}
+            futs.append(last[partition])
+        # every outcome is collected, so no failed send is left unretrieved; the first error
+        # fails the checkpoint before anything is committed
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                msg = f"publishing states to changelog {self.topic!r} failed: {type(r).__name__}: {r}"
+                raise ChangelogError(msg) from r
+        return {p: fut.result().offset + 1 for p, fut in last.items()}
 
     async def restore(self, stores: Mapping[int, Store]) -> dict[int, dict[str, int]]:
         """Bring each partition's store up to the changelog's end; return the meta each now

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from typing import Callable, Mapping
 
 import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
-from ponder.connectors.base import SinkError
+from ponder.connectors.base import MembershipUnsure, SinkError
+from ponder.connectors.kafka.fence import reset_connections, watch_lease
 from ponder.connectors.kafka.reader import read_to_end
-from ponder.types import DeadLetter, Decision, Trace
+from ponder.types import DeadLetter, Decision, SourcePos, Trace
 
 __all__ = ["KafkaSink"]
 
@@ -29,6 +32,13 @@ logger = logging.getLogger(__name__)
 _enc = msgspec.json.Encoder()
 
 
+class _Source(msgspec.Struct):
+    """The one field recovery reads of a decision or dead letter: the input it came from."""
+
+    source: SourcePos | None = None
+
+
+_source_of = msgspec.json.Decoder(_Source)
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 _CUT = 256  # longest string kept whole when a decision must shrink
 
@@ -64,11 +74,25 @@ def shrink(d: Decision) -> Decision:
 
 class KafkaSink:
     def __init__(self, brokers: str, decisions_topic: str, dead_topic: str, *, linger_ms: int = 5,
-                 max_message_bytes: int = 1_000_000) -> None:
+                 max_message_bytes: int = 1_000_000, may_send: Callable[[], bool] | None = None,
+                 request_timeout_ms: int = 40_000, max_hold_s: float = 60.0) -> None:
+        """:param may_send: whether records may be handed to the broker now (the consumer's
+            membership lease); while it says no, they wait in this sink's queue, where
+            `abandon` can still drop them.
+        :param request_timeout_ms: how long the producer tries to deliver one record before
+            failing it (set it within the lease, so no record outlives our membership).
+        :param max_hold_s: how long flush waits for `may_send` before it gives up (a lost
+            membership normally ends sooner: the partitions are revoked and abandoned)."""
         self.brokers = brokers
         self.topics = {"decisions": decisions_topic, "dead": dead_topic}
         self._linger_ms = linger_ms
         self.max_message_bytes = max_message_bytes
+        self._may_send = may_send
+        self._request_timeout_ms = request_timeout_ms
+        self._max_hold_s = max_hold_s
+        self._held_since: float | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.fenced = False
         self._error: BaseException | None = None
         self._producer: AIOKafkaProducer | None = None
         self._queue: deque[tuple[str, int, int, str, bytes, bytes, list]] = deque()
@@ -87,16 +111,40 @@ class KafkaSink:
             # the client-side limit sits above ours, so what we let through is judged by the broker
             self._producer = AIOKafkaProducer(bootstrap_servers=self.brokers, acks="all",
                                               linger_ms=self._linger_ms, max_batch_size=1 << 20,
-                                              max_request_size=self.max_message_bytes + (64 << 10))
+                                              max_request_size=self.max_message_bytes + (64 << 10),
+                                              request_timeout_ms=self._request_timeout_ms)
             await self._producer.start()
+            if self._may_send is not None:
+                self._watch = asyncio.get_running_loop().create_task(
+                    watch_lease(self._may_send, self._unacknowledged, self._fence))
+
+    def _unacknowledged(self) -> bool:
+        return any(not fut.done() for *_, fut in self._inflight)
+
+    def _fence(self) -> None:
+        """The lease lapsed with outputs unacknowledged: they must never land (fence.py)."""
+        n = reset_connections(self._producer)
+        self.fenced = True
+        msg = (f"group membership lapsed with {sum(not f.done() for *_, f in self._inflight)} outputs "
+               f"unacknowledged: {n} broker connections reset so none can land late")
+        self._error = self._error or SinkError(msg)
+        logger.error("%s", msg)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._producer is not None:
+            producer, self._producer = self._producer, None
+            if self.fenced:  # never again: stopping would send what it still holds
+                reset_connections(producer)
+                return
             try:
+                self._producer = producer
                 await self.flush()
             finally:
-                await self._producer.stop()
                 self._producer = None
+                await producer.stop()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -162,6 +210,8 @@ class KafkaSink:
         q = self._queue
         try:
             while q and self._error is None:
+                if self._may_send is not None and not self._may_send():
+                    return  # held here, where `abandon` can still drop them; flush says why
                 kind, part, offset, key, value, headers = q[0]
                 try:
                     fut = await self._producer.send(self.topics[kind], value=value, key=key, partition=part,
@@ -185,6 +235,8 @@ class KafkaSink:
 
     def _failed(self) -> SinkError:
         e = self._error
+        if isinstance(e, SinkError):
+            return e
         msg = f"producing to {sorted(self.topics.values())} failed: {type(e).__name__}: {e}"
         return SinkError(msg)
 
@@ -195,8 +247,16 @@ class KafkaSink:
             return
         while (self._sender is not None and not self._sender.done() or self._queue) and self._error is None:
             if self._sender is None or self._sender.done():
+                if self._queue and self._may_send is not None and not self._may_send():
+                    self._held_since = self._held_since or time.monotonic()
+                    if time.monotonic() - self._held_since > self._max_hold_s:
+                        msg = f"no group membership for {self._max_hold_s:.0f}s: outputs cannot be written"
+                        raise SinkError(msg)
+                    msg = "not sure of the group membership: outputs held back"
+                    raise MembershipUnsure(msg)
                 self._sender = asyncio.get_running_loop().create_task(self._send())
             await self._sender
+        self._held_since = None
         if self._error is None:
             await self._producer.flush()
         inflight, self._inflight = self._inflight, []
@@ -232,19 +292,31 @@ class KafkaSink:
                 meta[f"{kind}_from"] = self._end[(kind, partition)]
         return meta
 
-    async def recover(self, metas: dict[int, dict[str, int]]) -> int:
-        """Before replaying input partitions, learn which of their outputs already exist."""
+    async def recover(self, metas: Mapping[int, Mapping[str, int]]) -> int:
+        """Before replaying input partitions, learn which of their outputs already exist: their
+        ids are suppressed, and where they lie is remembered like the outputs this sink writes,
+        so the next checkpoint still points before them until their input is committed. Outputs
+        of another epoch of the input are left alone (their ids differ)."""
         found = 0
         for kind, topic in self.topics.items():
             header = "decision_id" if kind == "decisions" else "dead_letter_id"
             # no checkpoint has recorded where to look yet: everything may be a duplicate
             starts = {p: meta.get(f"{kind}_from", 0) for p, meta in metas.items()}
+            epochs = {p: meta.get("epoch", 0) for p, meta in metas.items()}
             ids: dict[int, set[str]] = {p: set() for p in starts}
             async for p, batch in read_to_end(self.brokers, topic, starts):
+                outs = self._outputs.setdefault((kind, p), deque())
                 for rec in batch:
+                    try:
+                        src = _source_of.decode(rec.value).source
+                    except (msgspec.DecodeError, TypeError):  # not ours: nothing to suppress
+                        continue
+                    if src is None or src.epoch != epochs[p]:
+                        continue
                     for k, v in rec.headers or ():
                         if k == header:
                             ids[p].add(v.decode())
+                    outs.append((src.offset, rec.offset))
                 end = batch[-1].offset + 1
                 self._end[(kind, p)] = max(end, self._end.get((kind, p), 0))
             for p, found_ids in ids.items():
@@ -253,6 +325,18 @@ class KafkaSink:
         if found:
             logger.info("partitions %s: %d outputs already emitted will not be sent again", sorted(metas), found)
         return found
+
+    def abandon(self, partition: int) -> int:
+        """Drop the outputs of an input partition that are not yet handed to the broker: the
+        partition was lost, and its new owner produces them again. Returns how many."""
+        kept = [r for r in self._queue if r[1] != partition]
+        dropped = len(self._queue) - len(kept)
+        self._queue.clear()  # in place: the sender holds this deque
+        self._queue.extend(kept)
+        if dropped:
+            logger.warning("partition %d lost: %d unsent outputs dropped; its new owner emits them",
+                           partition, dropped)
+        return dropped
 
     def forget(self, partition: int) -> None:
         for kind in self.topics:

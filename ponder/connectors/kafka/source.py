@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 from typing import Mapping
@@ -37,16 +38,23 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         tps = sorted((tp.topic, tp.partition) for tp in revoked)
-        # the runtime drains and commits these partitions while we still own them
-        if tps and self.source.runtime is not None:
-            await self.source.runtime.revoke(tps)
-        self.source.assigned.difference_update(tps)
+        src = self.source
+        if tps and src.runtime is not None:
+            if src.expelled():
+                # the group already gave these partitions to another member (our session
+                # expired: a network partition, a long pause): nothing more may be written
+                # for them; their new owner replays from the last commit
+                await src.runtime.lose(tps)
+            else:  # still ours: the runtime drains and commits them
+                await src.runtime.revoke(tps)
+        src.assigned.difference_update(tps)
 
     async def on_partitions_assigned(self, assigned) -> None:
         tps = sorted((tp.topic, tp.partition) for tp in assigned)
         # the fetcher may already return records of these partitions: hold them back until
         # the runtime has restored their state
         self.source.ready.clear()
+        self.source.renew()  # a completed join proves membership as a heartbeat does
         try:
             if tps and self.source.runtime is not None:
                 await self.source.runtime.assign(tps)
@@ -73,6 +81,12 @@ class KafkaSource:
                           auto_offset_reset=auto_offset_reset, client_id=client_id,
                           max_partition_fetch_bytes=4 * 1024 * 1024)
         self._consumer: AIOKafkaConsumer | None = None
+        # membership lease: outputs and changelog records are handed to the broker only within
+        # half a session of the last heartbeat the group accepted, and the producers give up on
+        # a record within the other half, so nothing of ours lands after the group could have
+        # expired us and handed our partitions on (fencing without transactions)
+        self.lease_s = session_timeout_ms / 2000.0
+        self._last_beat = time.monotonic()
         self.ready = asyncio.Event()
         self.ready.set()
         self._stopped = False
@@ -87,7 +101,34 @@ class KafkaSource:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.brokers, group_id=self.group,
                                           enable_auto_commit=False, **self._opts)
         await self._consumer.start()
+        self._watch_heartbeats(self._consumer)
         self._consumer.subscribe([self.topic], listener=_Listener(self))
+
+    def _watch_heartbeats(self, consumer: AIOKafkaConsumer) -> None:
+        """Note each heartbeat the group accepts (aiokafka has no hook for it, so its
+        coordinator's heartbeat call is wrapped)."""
+        coordinator = consumer._coordinator  # noqa: SLF001
+        beat = coordinator._do_heartbeat  # noqa: SLF001
+
+        async def watched() -> bool:
+            ok = await beat()
+            if ok:
+                self.renew()
+            return ok
+
+        coordinator._do_heartbeat = watched  # noqa: SLF001
+
+    def renew(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def member(self) -> bool:
+        """Whether the group certainly still counts this worker as the owner of its partitions."""
+        return time.monotonic() - self._last_beat < self.lease_s
+
+    def expelled(self) -> bool:
+        """Whether the group has forgotten this member (it must rejoin as a new one)."""
+        c = getattr(self._consumer, "_coordinator", None)
+        return c is not None and c.member_id == UNKNOWN_MEMBER_ID
 
     async def stop(self) -> None:
         self._stopped = True
@@ -139,8 +180,11 @@ class KafkaSource:
         return out
 
     def rewind(self, partitions: list[tuple[str, int]]) -> None:
-        if self._consumer is not None and partitions:
-            self._consumer.seek_to_beginning(*(TopicPartition(t, p) for t, p in partitions))
+        # offset 0 rather than seek_to_beginning (a coroutine to await): a log trimmed by
+        # retention answers out-of-range and the consumer's `earliest` reset takes its start
+        if self._consumer is not None:
+            for t, p in partitions:
+                self._consumer.seek(TopicPartition(t, p), 0)
 
     async def committed(self, topic: str, partition: int) -> int | None:
         assert self._consumer is not None
