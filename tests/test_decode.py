@@ -23,8 +23,11 @@ def rec(value, **kw) -> Record:
     return Record(value, POS, **kw)
 
 
+NOW = 1800000000.0  # 2027-01-15T08:00:00Z: the decoders' clock, so time bounds are exact
+
+
 def dec(**kw) -> Decoder:
-    return Decoder("k", "ts", **kw)
+    return Decoder("k", "ts", **{"now": lambda: NOW, **kw})
 
 
 # -- time ------------------------------------------------------------------------------------
@@ -36,7 +39,6 @@ def dec(**kw) -> Decoder:
         ("1700000000", 1700000000.0),  # epoch seconds, int
         ("1700000000.25", 1700000000.25),  # epoch seconds, float
         ("0", 0.0),
-        ("-5", -5.0),
         ("100000000000", 1e11),  # the threshold itself is still seconds (year 5138)
         ("100000000001", 100000000.001),  # just above: milliseconds
         ("1700000000123", 1700000000.123),  # epoch ms, int
@@ -51,7 +53,7 @@ def dec(**kw) -> Decoder:
     ],
 )
 def test_time_forms(raw, expected):
-    ev = dec()(rec(f'{{"k":"a","ts":{raw},"v":1}}'))
+    ev = dec(max_skew_s=None)(rec(f'{{"k":"a","ts":{raw},"v":1}}'))
     assert type(ev) is Event
     assert ev.ts == pytest.approx(expected, abs=1e-6)
     assert ev == Event("a", ev.ts, {"v": 1}, POS, {})
@@ -315,3 +317,240 @@ async def test_csv_source_rows_decode_with_line_numbers(tmp_path):
 def test_decoded_events_roundtrip_through_msgpack():
     ev = dec()(rec('{"k":"a","ts":1,"v":[1,2],"s":"x"}', headers={"h": "1"}))
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(ev), type=Event) == ev
+
+
+# -- time bounds -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("-5", "time field 'ts': time -5 is before 1970-01-01 (negative epoch time)"),
+        ("-1e15", "time field 'ts': time -1000000000000000.0 is before 1970-01-01 (negative epoch time)"),
+        ('"1969-12-31T23:59:59Z"',
+         "time field 'ts': time '1969-12-31T23:59:59Z' is before 1970-01-01 (negative epoch time)"),
+        # 1e14 reads as epoch ms: 1e11 s, the year 5138
+        ("1e14", f"time field 'ts': time 100000000000000.0 is {1e11 - NOW:.0f}s ahead of the clock, "
+                 "more than max_skew_s=86400"),
+        ("1e17", "time field 'ts': time 1e+17 is past the year 9999"),
+        ("1e300", "time field 'ts': time 1e+300 is past the year 9999"),
+        (str(NOW + 86401), "time field 'ts': time 1800086401.0 is 86401s ahead of the clock, "
+                           "more than max_skew_s=86400"),
+        ('"9999-12-31T23:59:59Z"', f"time field 'ts': time '9999-12-31T23:59:59Z' is "
+                                   f"{253402300799 - NOW:.0f}s ahead of the clock, more than max_skew_s=86400"),
+    ],
+)
+def test_absurd_times_are_dead_letters(raw, reason):
+    value = f'{{"k":"a","ts":{raw},"v":1}}'
+    assert dec()(rec(value)) == DeadLetter(reason, POS, value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("0", 0.0),
+        ('"2014-04-01 00:00:00"', 1396310400.0),  # NAB's data is years old: the past is fine
+        (str(NOW + 86400), NOW + 86400),  # exactly max_skew_s ahead
+        (str(int((NOW + 3600) * 1000)), NOW + 3600),  # epoch ms, an hour ahead
+    ],
+)
+def test_times_within_bounds_are_events(raw, expected):
+    assert dec()(rec(f'{{"k":"a","ts":{raw}}}')) == Event("a", expected, {}, POS)
+
+
+def test_max_skew_s_is_configurable():
+    tight = dec(max_skew_s=0.0)
+    assert tight(rec(f'{{"k":"a","ts":{NOW}}}')) == Event("a", NOW, {}, POS)
+    assert tight(rec(f'{{"k":"a","ts":{NOW + 1}}}')).reason == \
+        "time field 'ts': time 1800000001.0 is 1s ahead of the clock, more than max_skew_s=0"
+    # None keeps only the fixed bounds: from 1970 up to the year 10000
+    loose = dec(max_skew_s=None)
+    assert loose(rec('{"k":"a","ts":"9999-12-31T23:59:59Z"}')) == Event("a", 253402300799.0, {}, POS)
+    assert loose(rec('{"k":"a","ts":1e300}')).reason == "time field 'ts': time 1e+300 is past the year 9999"
+    assert loose(rec('{"k":"a","ts":-1}')).reason == \
+        "time field 'ts': time -1 is before 1970-01-01 (negative epoch time)"
+
+
+def test_skew_is_measured_against_the_injected_clock_at_decode_time():
+    clock = [NOW]
+    d = dec(now=lambda: clock[0], max_skew_s=10.0)
+    value = f'{{"k":"a","ts":{NOW + 60}}}'
+    assert type(d(rec(value))) is DeadLetter
+    clock[0] = NOW + 50
+    assert d(rec(value)) == Event("a", NOW + 60, {}, POS)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.inf, math.nan])
+def test_max_skew_s_must_be_a_finite_non_negative_number(bad):
+    with pytest.raises(ValueError) as e:
+        Decoder("k", max_skew_s=bad)
+    assert str(e.value) == f"Decoder: max_skew_s must be None or a finite number >= 0, got {bad!r}"
+
+
+@pytest.mark.parametrize(
+    ("ts", "reason"),
+    [
+        (-1.0, "record time: time -1.0 is before 1970-01-01 (negative epoch time)"),
+        (NOW + 86400.5, "record time: time 1800086400.5 is 86400s ahead of the clock, more than max_skew_s=86400"),
+        (math.nan, "record time: time nan is not finite"),
+    ],
+)
+def test_out_of_band_time_is_bounded_too(ts, reason):
+    assert dec()(rec('{"k":"a"}', ts=ts)) == DeadLetter(reason, POS, '{"k":"a"}')
+
+
+def test_ingestion_time_is_not_bounded():
+    # the decoder's own clock is the reference, never an absurd producer's
+    d = Decoder("k", None, now=lambda: NOW)
+    assert d(rec('{"k":"a"}')) == Event("a", NOW, {}, POS)
+
+
+# -- nesting, size and numbers ------------------------------------------------------------------------
+
+
+def deep_list(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+def deep_obj(n: int) -> str:
+    return '{"a":' * n + "1" + "}" * n
+
+
+TOO_DEEP = "nested deeper than 32 levels"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        deep_list(1000),
+        deep_obj(1000),
+        '{"k":"a","ts":1,"v":' + deep_list(1000) + "}",
+        '{"k":"a","ts":1,"v":' + deep_obj(1000) + "}",
+        '{"k":"a","ts":1,"v":' + deep_list(200_000) + "}",
+        '{"k":"a","ts":1,"v":' + deep_list(32) + "}",  # 33 levels with the record's own object
+        '{"k":"a","ts":1,"v":' + deep_obj(32) + "}",
+    ],
+)
+def test_too_deep_is_a_dead_letter(value):
+    """Deep nesting used to raise RecursionError out of the decoder, ending the run."""
+    out = dec()(rec(value))
+    assert out == DeadLetter(TOO_DEEP, POS, value[:2000])
+
+
+def test_too_deep_with_a_schema_even_in_an_unknown_field():
+    value = '{"device_id":"d1","ts":5,"firmware":' + deep_obj(1000) + "}"
+    assert tele()(rec(value)) == DeadLetter(TOO_DEEP, POS, value[:2000])
+
+
+def test_nesting_up_to_the_limit_decodes():
+    value = '{"k":"a","ts":1,"v":' + deep_list(31) + ',"w":' + deep_obj(31) + "}"
+    out = dec()(rec(value))
+    assert out == Event("a", 1.0, {"v": nested(31), "w": msgspec.json.decode(deep_obj(31))}, POS)
+
+
+def test_brackets_inside_strings_do_not_nest():
+    value = '{"k":"a","ts":1,"s":"' + "[{" * 500 + '\\"' + "[" * 100 + '"}'
+    out = dec()(rec(value))
+    assert out == Event("a", 1.0, {"s": "[{" * 500 + '"' + "[" * 100}, POS)
+
+
+def test_many_shallow_containers_decode():
+    items = [{"x": i, "y": [i, i]} for i in range(2000)]
+    value = msgspec.json.encode({"k": "a", "ts": 1, "items": items})
+    assert dec()(rec(value)) == Event("a", 1.0, {"items": items}, POS)
+
+
+def nested(n: int) -> list:
+    v: list = []
+    for _ in range(n - 1):
+        v = [v]
+    return v
+
+
+def test_parsed_record_too_deep_or_cyclic_is_a_dead_letter():
+    out = dec()(Record({"k": "a", "ts": 1, "v": nested(32)}, POS))
+    assert (type(out), out.reason) == (DeadLetter, TOO_DEEP)
+    # deeper than JSON encoding can recurse: the same as a cycle
+    out = dec()(Record({"k": "a", "ts": 1, "v": nested(5000)}, POS))
+    assert (type(out), out.reason) == (DeadLetter, TOO_DEEP + " (or cyclic)")
+    assert dec()(Record({"k": "a", "ts": 1, "v": nested(31)}, POS)) == \
+        Event("a", 1.0, {"v": nested(31)}, POS)
+    loop: list = []
+    loop.append(loop)
+    out = dec()(Record({"k": "a", "ts": 1, "v": loop}, POS))
+    assert out == DeadLetter(TOO_DEEP + " (or cyclic)", POS, "{'k': 'a', 'ts': 1, 'v': [[...]]}")
+
+
+def test_parsed_record_values_are_normalised_through_json():
+    # tuples, int names and nested NaN come out as JSON would have them
+    out = dec()(Record({"k": "a", "ts": 1, "v": (1, 2.5), 3: {"n": math.nan}}, POS))
+    assert out == Event("a", 1.0, {"v": [1, 2.5], "3": {"n": None}}, POS)
+
+
+def test_parsed_record_with_unencodable_values_is_a_dead_letter():
+    out = dec()(Record({"k": "a", "ts": 1, "v": object()}, POS))
+    assert type(out) is DeadLetter
+    assert out.reason == "not JSON: Encoding objects of type object is unsupported"
+    out = dec()(Record({"k": "a", "ts": 1, "s": "bad \ud800 text"}, POS))
+    assert out.reason == "'utf-8' codec can't encode character '\\ud800' in position 4: surrogates not allowed"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_payload_values_become_missing(bad):
+    # only parsed records (CSV cells "nan", "inf") can carry them; JSON cannot
+    assert dec()(Record({"k": "a", "ts": 1, "v": bad, "w": 2.5}, POS)) == \
+        Event("a", 1.0, {"v": None, "w": 2.5}, POS)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (str(2**63 - 1), 2**63 - 1),
+        (str(-(2**63)), -(2**63)),
+        (str(2**63), float(2**63)),  # past what the state store (msgpack) holds: a float
+        (str(-(2**63) - 1), -float(2**63)),
+        ("9" * 300, float("9" * 300)),
+    ],
+)
+def test_large_integers_become_floats(raw, expected):
+    out = dec()(rec(f'{{"k":"a","ts":1,"v":{raw}}}'))
+    assert out == Event("a", 1.0, {"v": expected}, POS)
+    assert type(out.payload["v"]) is type(expected)
+
+
+def test_integer_beyond_the_float_range_is_a_dead_letter():
+    value = '{"k":"a","ts":1,"v":' + "9" * 400 + "}"
+    assert dec()(rec(value)) == \
+        DeadLetter("field 'v': integer beyond the float range (±1.8e+308)", POS, value)
+    # the same from a parsed record, and nested integers are left as they are
+    assert dec()(Record({"k": "a", "ts": 1, "v": -(10**400)}, POS)).reason == \
+        "field 'v': integer beyond the float range (±1.8e+308)"
+    assert dec()(rec('{"k":"a","ts":1,"v":[' + "9" * 400 + "]}")) == \
+        Event("a", 1.0, {"v": [int("9" * 400)]}, POS)
+
+
+def test_long_key_is_a_dead_letter():
+    assert dec()(rec('{"k":"' + "x" * 1024 + '","ts":1}')) == Event("x" * 1024, 1.0, {}, POS)
+    value = '{"k":"' + "x" * 1025 + '","ts":1}'
+    assert dec()(rec(value)) == \
+        DeadLetter("key field 'k' longer than 1024 characters: " + repr("x" * 40) + "…", POS, value[:2000])
+
+
+class Exploding(msgspec.Struct):
+    k: str
+    ts: float
+
+    def __post_init__(self) -> None:
+        raise RuntimeError("boom")
+
+
+def test_any_exception_while_decoding_is_a_dead_letter_naming_its_type_and_position():
+    value = '{"k":"a","ts":1}'
+    assert Decoder("k", "ts", Exploding)(rec(value)) == \
+        DeadLetter("RuntimeError while decoding events[2]@41: boom", POS, value)
+
+
+def test_out_of_band_time_is_seconds_never_rescaled():
+    # the ms heuristic is for payload numbers only: a connector's time is seconds already
+    out = dec(max_skew_s=None)(rec('{"k":"a"}', ts=2e11))
+    assert out == Event("a", 2e11, {}, POS)

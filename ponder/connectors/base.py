@@ -62,7 +62,12 @@ def fingerprint(key: str | None, value: bytes | None) -> int:
 
 
 def record_fingerprint(rec: Record) -> int:
-    value = rec.value if isinstance(rec.value, bytes) else msgspec.json.encode(rec.value)
+    value = rec.value
+    if not isinstance(value, bytes):
+        try:
+            value = msgspec.json.encode(value)
+        except Exception:  # noqa: BLE001 - a record the decoder refused still has an identity
+            value = repr(value).encode("utf-8", "backslashreplace")
     return fingerprint(rec.key, value)
 
 

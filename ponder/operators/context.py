@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import msgspec
 
+from ponder.operators.gate import MAX_NAME
 from ponder.types import Event, Finding
 
 __all__ = [
@@ -351,13 +352,14 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
     past events were flagged and the summary counts them.
     """
     ts = event.ts
+    # first what can fail (a time gmtime cannot show): nothing is changed yet if it does
+    parts = [_clock(ts) + (" !" + _word(flag) if flag else "")]
     if st.count == 0:
         st.first_ts = ts
     st.count += 1
     dt = ts - st.last_ts if st.count > 1 else 0.0
     st.last_ts = ts
     alpha = policy.alpha
-    parts = [_clock(ts) + (" !" + _word(flag) if flag else "")]
     # older covers window[:older.n], newer the rest: folding older keeps lines and aggregates
     # describing exactly the same events
     seg = st.newer
@@ -373,6 +375,8 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
     if flag:
         seg.flagged += 1
     for name, v in event.payload.items():
+        if len(name) > MAX_NAME:
+            continue  # as the gate: a name this long is not a field anyone tracks
         if isinstance(v, bool):
             v = str(v).lower()
         if v is None or isinstance(v, (int, float)):

@@ -23,6 +23,9 @@ serves a calm sensor, a spiky load balancer and a daily cycle alike. Per numeric
 * stuck: the value repeats exactly, longer than its runs of repeats lately and at least
   `stuck[0]` times, while the field normally changes. While stuck, its other signals pause.
 * dropout: a numeric field that is normally present is null (or NaN).
+A number the statistics cannot hold, NaN, ±inf or beyond ±`MAX_ABS` (where differences and
+sums would overflow), is a missing value. A field whose name is longer than `MAX_NAME` is not
+scored, nor are lists and objects.
 Per categorical field: a value never seen before, after warm-up, in a field whose values are not
 new all the time. Per key: a gap in event time. Plus user rules over the event. A numeric field
 that only increased during warm-up (a clock, a counter) is not scored.
@@ -32,6 +35,10 @@ the incident is open the gate escalates again only for a clearly higher score, f
 non-deviation kind) not yet in the incident, or after a cool-down that doubles with each repeat;
 `quiet` events under `close` end the incident. The level-shift bar does not learn from events
 inside an open incident. The state is bounded whatever the stream length (see `FieldGate`).
+
+`observe` runs the user rules, and checks the event time, before it changes any state: a rule
+that raises, or an event time that is not finite, leaves the key's state as it was. After that
+nothing raises for any payload of JSON values (what the decoder lets through).
 
 >>> from ponder.types import Event, SourcePos
 >>> g, st = GatePolicy(), new_state()
@@ -56,6 +63,8 @@ __all__ = ["GatePolicy", "GateState", "Rule", "Verdict", "new_state", "observe"]
 MAX_FIELDS = 32  # numeric fields, and categorical fields, tracked per key
 MAX_VALUES = 32  # distinct values remembered per categorical field
 MAX_REGIMES = 4  # levels remembered per numeric field
+MAX_NAME = 128  # characters of a field name the state keeps: longer fields are not scored
+MAX_ABS = 1e100  # largest magnitude scored: squares and sums of such values stay finite
 _DEVIATIONS = frozenset({"spike", "rate", "level_shift", "drift"})
 
 
@@ -369,7 +378,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             return
     else:
         if fg.run > fg.runmax:
-            fg.runmax = fg.run  # runs this long happen
+            fg.runmax = float(fg.run)  # runs this long happen (a float, as the state stores it)
         fg.run = 0
     fast, slow = fg.fast, fg.slow
     floor = 1e-9 * (abs(slow) + 1.0)
@@ -520,7 +529,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
 def _categorical(g: GatePolicy, st: GateState, name: str, v: str, out: list[Finding]) -> None:
     cg = st.cats.get(name)
     if cg is None:
-        if len(st.cats) >= MAX_FIELDS:
+        if len(st.cats) >= MAX_FIELDS or len(name) > MAX_NAME:
             return
         cg = st.cats[name] = CatGate()
     v = v[:64]
@@ -536,17 +545,30 @@ def _categorical(g: GatePolicy, st: GateState, name: str, v: str, out: list[Find
     cg.n += 1
 
 
-def _finite(v: int | float) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        return False
+def _rules(g: GatePolicy, event: Event) -> list[Finding]:
+    """The user rules' findings. They run before any state changes, so one that raises leaves
+    the key's state as it was (the runtime dead-letters the event)."""
+    findings: list[Finding] = []
+    for rule in g.rules:
+        hit = rule.when(event)
+        if hit:
+            s = float(rule.score if hit is True else hit)
+            if s != s:
+                msg = f"rule {rule.name!r} returned NaN"
+                raise ValueError(msg)
+            findings.append(Finding("rule", rule.field, max(0.0, min(1.0, s)), None, None,
+                                    rule.name))
+    return findings
 
 
 def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
     """Score one event of a key and decide whether it escalates; updates `st` in place."""
-    findings: list[Finding] = []
+    ruled = _rules(g, event)
     ts = event.ts
+    if not -math.inf < ts < math.inf:
+        msg = f"event time {ts!r} of key {event.key!r} is not a finite number"
+        raise ValueError(msg)
+    findings: list[Finding] = []
     if st.n > 0:
         dt = ts - st.last_ts
         if st.n >= g.warmup and st.dt > 0.0:
@@ -564,15 +586,16 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
         if only is not None and name not in only:
             continue
         if v.__class__ is float or (isinstance(v, (int, float)) and not isinstance(v, bool)):
-            if _finite(v):
+            if -MAX_ABS <= v <= MAX_ABS:  # False for NaN; exact for an int of any size
                 fg = st.fields.get(name)
                 if fg is None:
-                    if len(st.fields) >= MAX_FIELDS:
+                    if len(st.fields) >= MAX_FIELDS or len(name) > MAX_NAME:
                         continue
                     fg = st.fields[name] = FieldGate()
                 _numeric(g, fg, name, float(v), ts, st.dt, learn, findings)
                 continue
-        if v is None or isinstance(v, float):  # null, NaN or infinite: missing
+            v = None  # NaN, ±inf or too large to fold in: missing
+        if v is None:
             fg = st.fields.get(name)
             if fg is not None and not fg.counter:
                 fg.nulls += 1
@@ -584,17 +607,12 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
             _categorical(g, st, name, v, findings)
         elif isinstance(v, bool):
             _categorical(g, st, name, "true" if v else "false", findings)
-    for rule in g.rules:
-        hit = rule.when(event)
-        if hit:
-            s = rule.score if hit is True else float(hit)
-            findings.append(Finding("rule", rule.field, max(0.0, min(1.0, s)), None, None,
-                                    rule.name))
+    findings.extend(ruled)
     return _hysteresis(g, st, findings)
 
 
 def _hysteresis(g: GatePolicy, st: GateState, findings: list[Finding]) -> Verdict:
-    score = max((f.score for f in findings), default=0.0)
+    score = float(max((f.score for f in findings), default=0.0))  # a policy may give ints
     escalate = False
     why = ""
     if score >= g.open:

@@ -40,7 +40,11 @@ class KeyLogic:
         return KeyState(ctx.new_state(key), gt.new_state())
 
     def observe(self, st: KeyState, event: Event) -> gt.Verdict:
-        """Score the event against the key's past, then fold it into the context."""
+        """Score the event against the key's past, then fold it into the context.
+
+        All or nothing: the gate runs the user rules and checks the time before it changes any
+        state, and past that neither gate nor context raises on a decoded event (see
+        tests/test_fuzz.py), so an event that fails here leaves the state as it was."""
         verdict = gt.observe(self.gate, st.gate, event)
         flag = ",".join(sorted({f.kind for f in verdict.findings if f.score >= self.gate.open})) \
             if verdict.escalate else ""

@@ -48,6 +48,8 @@ class Pipeline:
     :param max_inflight: events admitted and not finished before the source is paused.
     :param max_hot_keys: key states kept in memory; colder ones wait in the state store
         (a worker's RocksDB; for file runs a temporary RocksDB once the bound is passed).
+    :param max_skew_s: how far past the clock an event time may lie before the event is a dead
+        letter (None: only times before 1970 or from the year 10000 on are).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Pipeline:
     dead_letter_topic: str = ""
     max_inflight: int = 4096
     max_hot_keys: int = 100_000
+    max_skew_s: float | None = 86_400.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,7 +108,9 @@ class Pipeline:
         for t in self.tiers:
             if t.name not in built:
                 built[t.name] = build_engine(t.engine, tier=t, rules=self.reflex, default_action=self.actions[0])
-        return logic, Decoder(self.key, self.time, self.schema), built
+        # the router's clock is monotonic; event times are checked against the wall clock
+        decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s)
+        return logic, decoder, built
 
     def worker(self, source, sink, *, engines: dict[str, Engine] | None = None, store=None,
                progress: Callable[[RunStats], None] | None = None, **kw) -> Worker:

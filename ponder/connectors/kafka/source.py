@@ -91,6 +91,9 @@ class KafkaSource:
         self.ready.set()
         self._stopped = False
         self._paused = False
+        # partitions of the latest rewind, a new object each time: a fetch that began before it
+        # returns records of their old position, which are dropped
+        self._rewinds: frozenset[int] = frozenset()
 
     def bind(self, runtime: Assignments) -> None:
         self.runtime = runtime
@@ -143,11 +146,14 @@ class KafkaSource:
         assert self._consumer is not None
         topic = self.topic
         while not self._stopped:
+            rewinds = self._rewinds
             data = await self._consumer.getmany(timeout_ms=200, max_records=self._batch)
             await self.ready.wait()
             out: list[Record] = []
             for tp, msgs in data.items():
                 p = tp.partition
+                if self._rewinds is not rewinds and p in self._rewinds:
+                    continue  # fetched from where the partition was before it was rewound
                 for m in msgs:
                     headers = {k: v.decode("utf-8", "replace") for k, v in m.headers} if m.headers else {}
                     out.append(Record(m.value if m.value is not None else b"", SourcePos(topic, p, m.offset),
@@ -182,9 +188,10 @@ class KafkaSource:
     def rewind(self, partitions: list[tuple[str, int]]) -> None:
         # offset 0 rather than seek_to_beginning (a coroutine to await): a log trimmed by
         # retention answers out-of-range and the consumer's `earliest` reset takes its start
-        if self._consumer is not None:
+        if self._consumer is not None and partitions:
             for t, p in partitions:
                 self._consumer.seek(TopicPartition(t, p), 0)
+            self._rewinds = frozenset(p for _, p in partitions)
 
     async def committed(self, topic: str, partition: int) -> int | None:
         assert self._consumer is not None
