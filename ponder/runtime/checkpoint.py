@@ -292,6 +292,8 @@ class Partitions:
         """
         async with self._lock:
             self.assigned = (self.assigned or set()) | set(tps)
+            for tp in tps:  # reading starts afresh: from the last commit, or the log's start
+                self._last.pop(tp, None)
             # Step 1.
             stores = {tp[1]: self._store(tp) for tp in tps}
             if self.changelog is not None:

@@ -155,12 +155,16 @@ class Worker:
             started = True
             last_checkpoint = time.monotonic()
             async for batch in self.source.batches():
+                parts = self.partitions
                 for rec in batch:
-                    if not self.partitions.saw(rec):
+                    pos = rec.source
+                    if parts.assigned is not None and (pos.topic, pos.partition) not in parts.assigned:
+                        continue  # fetched before a rebalance took the partition: its new owner reads it
+                    if not parts.saw(rec):
                         tp = (rec.source.topic, rec.source.partition)
-                        await self.partitions.new_epoch(tp, self.drain, self.tracker, self.sink,
-                                                        self.source, self._lanes)
-                        self.partitions.saw(rec)
+                        await parts.new_epoch(tp, self.drain, self.tracker, self.sink, self.source,
+                                              self._lanes)
+                        parts.saw(rec)
                     self._admit(rec)
                     if self._inflight >= self.max_inflight:
                         if committing:
@@ -251,8 +255,6 @@ class Worker:
         pos = rec.source
         tp = (pos.topic, pos.partition)
         parts = self.partitions
-        if parts.assigned is not None and tp not in parts.assigned:
-            return  # fetched before a rebalance took the partition away: its new owner reads it
         epoch = parts.epochs.get(tp, 0)
         if epoch:
             pos = rec.source = SourcePos(pos.topic, pos.partition, pos.offset, epoch)
