@@ -12,14 +12,13 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from kafka_helpers import (decision_rows, publish, read_all, start_worker, stop, wait_committed,
-                           worker_cmd)
+from kafka_helpers import (decision_rows, publish, read_all, rocks_states, start_worker, stop,
+                           wait_committed, worker_cmd)
 from ponder.connectors.files import JsonlSource
 from ponder.connectors.memory import MemorySink
 from ponder.operators.keyed import KeyState
 from ponder.pipelines.iot_monitor import pipeline
 from ponder.simulate import Fleet
-from ponder.state.rocks import RocksStore
 
 PARTS = 4
 _enc = msgspec.json.Encoder()
@@ -49,14 +48,7 @@ def _publish_fleet(broker: str, topic: str, events: list[dict]) -> dict[int, int
 
 
 def _states(state_dir: Path, group: str, topic: str) -> dict[str, bytes]:
-    out = {}
-    for p in range(PARTS):
-        path = state_dir / group / f"{topic}-{p}"
-        if path.exists():
-            s = RocksStore(path)
-            out.update(dict(s.items()))
-            s.close()
-    return out
+    return rocks_states(state_dir, group, topic, PARTS)
 
 
 def _run_to_end(broker, tmp_path, name, ends, **kw):
