@@ -48,7 +48,8 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
     sink = KafkaSink(brokers, t_out, t_dead, may_send=source.member, request_timeout_ms=give_up_ms,
                      max_hold_s=3 * session_timeout_ms / 1000)
     return pipe.worker(source, sink, engines=engines, open_store=open_store,
-                       changelog=KafkaChangelog(brokers, t_log, request_timeout_ms=give_up_ms),
+                       changelog=KafkaChangelog(brokers, t_log, request_timeout_ms=give_up_ms,
+                                                may_send=source.member),
                        checkpoint_every_s=checkpoint_every_s)
 
 

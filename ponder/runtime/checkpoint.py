@@ -2,8 +2,9 @@
 progress becomes durable.
 
 `Partitions` owns, for the partitions a worker holds:
-- the hot key states (a bounded LRU; a cold key is written to its partition's store and read
-  back on its next event), the partition of each hot or dirty key, and the dirty set (key ->
+- the hot key states (a bounded LRU: a clean key leaves memory, its state being in its
+  partition's store, and is read back on its next event; past the bound the worker checkpoints
+  so that every idle key is clean), the partition of each hot key, and the dirty set (key ->
   offset of its oldest event not yet in a store);
 - one store per partition (Kafka workers) or one shared store (local runs; it moves to a
   temporary RocksDB the first time the LRU has to spill);
@@ -74,17 +75,18 @@ class Partitions:
         self.max_hot_keys = max_hot_keys
         self._stores: dict[TP, Store] = {}
         self._hot: OrderedDict[str, KeyState] = OrderedDict()
-        self._tp: dict[str, TP] = {}  # partition of every hot or dirty key
+        self._tp: dict[str, TP] = {}  # partition of every hot key (dirty keys are always hot)
         self._dirty: dict[str, int] = {}
         # key with work in flight -> (its state after its last finished event, the next offset)
         self._snap: dict[str, tuple[bytes, int]] = {}
         self.assigned: set[TP] | None = None  # None: a source without assignment
+        self.leaving: set[TP] = set()  # being revoked or lost: no new records are admitted
         self.epochs: dict[TP, int] = {}
         self._last: dict[TP, Record] = {}  # last record admitted per partition (its anchor)
         self._lock = asyncio.Lock()
         self._tmpdir: str | None = None
         self.new_keys = 0
-        self.spilled = 0
+        self.evicted = 0
         self.loaded = 0
 
     # -- key states ---------------------------------------------------------------------------
@@ -115,6 +117,10 @@ class Partitions:
         self._tp[key] = tp
         return st
 
+    def owns(self, tp: TP) -> bool:
+        """Whether records of `tp` may be admitted: assigned, and not being handed back."""
+        return self.assigned is None or (tp in self.assigned and tp not in self.leaving)
+
     def hot(self, key: str) -> KeyState:
         return self._hot[key]
 
@@ -141,33 +147,31 @@ class Partitions:
     def unsettled(self, key: str) -> None:
         self._snap.pop(key, None)
 
-    def evict(self, busy: Iterable[str] | dict) -> None:
-        """Bring the hot keys down to the bound, least recently used first. Keys with work in
-        flight stay; dirty ones are spilled to their store (and stay dirty, so the next
-        checkpoint still publishes them and still holds positions below their oldest event)."""
+    def evict(self, busy: Iterable[str] | dict) -> bool:
+        """Bring the hot keys down to the bound, least recently used first, dropping only clean
+        idle keys: their state is in the store already. A dirty key is not written out here,
+        since its state may reflect an event whose output is not yet durable; the caller
+        checkpoints (which cleans every idle key) when this returns True: still over the bound."""
         over = len(self._hot) - self.max_hot_keys
-        if over <= 0:
-            return
+        if over <= 0 or self._lock.locked():  # a checkpoint in flight still needs its keys
+            return False
         if self._owned_store and isinstance(self.store, MemoryStore):
             self._spill_to_disk()
-        spill: dict[Store, dict[str, bytes]] = {}
-        passes = len(self._hot)
-        while over > 0 and passes:
-            passes -= 1
-            key, st = self._hot.popitem(last=False)
-            if key in busy:
-                self._hot[key] = st  # back to the young end
+        kept = []
+        hot, dirty, tps = self._hot, self._dirty, self._tp
+        for _ in range(len(hot)):
+            if over <= 0:
+                break
+            key, st = hot.popitem(last=False)
+            if key in busy or key in dirty:
+                kept.append((key, st))
                 continue
+            del tps[key]
             over -= 1
-            tp = self._tp[key]
-            if key in self._dirty:
-                store = self._store(tp)
-                spill.setdefault(store, {})[key] = _state_enc.encode(st)
-            else:
-                del self._tp[key]
-        for store, states in spill.items():
-            store.write(states, {})
-            self.spilled += len(states)
+            self.evicted += 1
+        for key, st in kept:  # they go back young: after the next checkpoint they may go
+            hot[key] = st
+        return over > 0
 
     def _spill_to_disk(self) -> None:
         from ponder.state.rocks import RocksStore  # only runs past the bound need RocksDB
@@ -190,17 +194,14 @@ class Partitions:
         """Make progress durable. Serialised with assign and revoke. Skipped (returns {}) while
         the consumer group may have moved our partitions on."""
         async with self._lock:
-            dirty, snaps = dict(self._dirty), dict(self._snap)
-            tps = {k: self._tp[k] for k in dirty}
+            dirty = dict(self._dirty)
             try:
                 return await self._checkpoint(tracker, sink, source, busy)
             except MembershipUnsure as e:
                 # nothing was published or committed: the keys are as dirty as before
                 for k, first in dirty.items():
-                    self._tp.setdefault(k, tps[k])
-                    self._dirty[k] = min(first, self._dirty.get(k, first))
-                for k, snap in snaps.items():
-                    self._snap.setdefault(k, snap)
+                    if k in self._hot:
+                        self._dirty[k] = min(first, self._dirty.get(k, first))
                 logger.warning("checkpoint skipped: %s", e)
                 return {}
 
@@ -227,24 +228,20 @@ class Partitions:
         if self.assigned is not None:
             positions = {tp: o for tp, o in positions.items() if tp in self.assigned}
         by_tp: dict[TP, dict[str, bytes | None]] = {tp: {} for tp in positions}
+        settled = {}
         for k in list(self._dirty):
             tp = self._tp[k]
             if k in busy:
-                snap = self._snap.pop(k, None)
+                snap = self._snap.get(k)
                 if snap is not None:
                     by_tp.setdefault(tp, {})[k], self._dirty[k] = snap
+                    settled[k] = snap
                 first = self._dirty[k]
                 if tp in positions and first < positions[tp]:
                     positions[tp] = first
                 continue
             del self._dirty[k]
-            st = self._hot.get(k)
-            if st is not None:
-                by_tp.setdefault(tp, {})[k] = _state_enc.encode(st)
-                continue
-            del self._tp[k]
-            if self.changelog is not None:  # spilled: in the store already, not yet published
-                by_tp.setdefault(tp, {})[k] = self._store(tp).get(k)
+            by_tp.setdefault(tp, {})[k] = _state_enc.encode(self._hot[k])
         anchors = {tp: (last.source.offset, record_fingerprint(last)) for tp in positions
                    if (last := self._last.get(tp)) is not None}
         # Step 2.
@@ -273,10 +270,18 @@ class Partitions:
                 continue  # revoked while this checkpoint waited: its store is closed for good
             self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, metas[tp])
         # Step 5.
+        accepted = True
         if isinstance(source, CommittingSource) and positions:
-            if not await source.commit(positions):
+            accepted = await source.commit(positions)
+            if not accepted:
                 logger.warning("commit of %s refused (a rebalance is under way); the next owner "
                                "replays from the last commit and drops what it already has", positions)
+        if accepted and isinstance(sink, ReplayableSink):
+            for tp, offset in positions.items():
+                sink.prune(tp[1], offset)
+        for k, snap in settled.items():  # stored; a newer one its lane took meanwhile stays
+            if self._snap.get(k) is snap:
+                del self._snap[k]
         return positions
 
     # -- rebalances ---------------------------------------------------------------------------
@@ -331,9 +336,10 @@ class Partitions:
                      sink: Sink, source: Source, busy: dict | set) -> None:
         """Hand partitions back: finish in-flight work, checkpoint while they are still ours,
         then forget their keys and close their stores."""
+        gone = set(tps)
+        self.leaving |= gone  # before any await: the run loop admits nothing more of them
         async with self._lock:
             await drain()
-            gone = set(tps)
             try:
                 await self._checkpoint(tracker, sink, source, busy)
             except MembershipUnsure as e:
@@ -353,9 +359,10 @@ class Partitions:
         (our session expired): finish in-flight work, but drop what it and anything earlier
         still wants to write, commit nothing, and forget them. The new owner replays from the
         last commit and reproduces exactly what is dropped here."""
+        gone = set(tps)
+        self.leaving |= gone
         async with self._lock:
             await drain()
-            gone = set(tps)
             if self.assigned is not None:
                 self.assigned -= gone
             if isinstance(sink, ReplayableSink):
@@ -378,6 +385,7 @@ class Partitions:
                            tp[0], tp[1], self.epochs[tp])
 
     def _forget(self, gone: set[TP], tracker: CompletionTracker, sink: Sink) -> None:
+        self.leaving -= gone
         for key in [k for k, tp in self._tp.items() if tp in gone]:
             del self._tp[key]
             self._hot.pop(key, None)

@@ -155,10 +155,11 @@ class Worker:
             started = True
             last_checkpoint = time.monotonic()
             async for batch in self.source.batches():
+                self._check()  # an assignment that failed must not let its records through
                 parts = self.partitions
                 for rec in batch:
                     pos = rec.source
-                    if parts.assigned is not None and (pos.topic, pos.partition) not in parts.assigned:
+                    if not parts.owns((pos.topic, pos.partition)):
                         continue  # fetched before a rebalance took the partition: its new owner reads it
                     if not parts.saw(rec):
                         tp = (rec.source.topic, rec.source.partition)
@@ -173,7 +174,11 @@ class Worker:
                         if committing:
                             self.source.resume()
                 self._check()
-                self.partitions.evict(self._lanes)
+                if parts.evict(self._lanes):
+                    # past the bound with dirty keys: a checkpoint makes the idle ones clean
+                    await self.checkpoint()
+                    last_checkpoint = time.monotonic()
+                    parts.evict(self._lanes)
                 if self.progress is not None:
                     self.stats.elapsed_s = time.perf_counter() - self.stats.started
                     self.progress(self.stats)
@@ -202,10 +207,13 @@ class Worker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for b in self._batchers.values():
             await b.close()
-        closers = [self.source.stop] if started else []
-        closers.append(self.sink.stop)
+        # outputs first, then the group: once we leave, our partitions' new owner reads their
+        # outputs, and nothing of ours may land after that
+        closers = [self.sink.stop]
         if self.partitions.changelog is not None:
             closers.append(self.partitions.changelog.stop)
+        if started:
+            closers.append(self.source.stop)
         closers.extend(e.stop for e in self.engines.values())
         for close in closers:
             # bounded: a broker that is gone must not keep a failed worker from exiting

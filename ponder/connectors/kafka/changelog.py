@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Mapping
+from typing import Callable, Mapping
 
 import msgspec
 from aiokafka import AIOKafkaProducer
 
 from ponder.connectors.kafka.reader import read_to_end
+from ponder.connectors.base import MembershipUnsure
+from ponder.connectors.kafka.fence import reset_connections, watch_lease
 from ponder.state.base import ChangelogError, Store
 
 __all__ = ["KafkaChangelog"]
@@ -30,11 +32,18 @@ _meta_dec = msgspec.msgpack.Decoder(dict[str, int])
 class KafkaChangelog:
     """Publish and restore the states of one store per input partition."""
 
-    def __init__(self, brokers: str, topic: str, *, request_timeout_ms: int = 40_000) -> None:
+    def __init__(self, brokers: str, topic: str, *, request_timeout_ms: int = 40_000,
+                 may_send: Callable[[], bool] | None = None) -> None:
+        """:param may_send: the consumer's membership lease, as for KafkaSink: states are sent
+            only within it, and a producer with states unacknowledged as it lapses is fenced."""
         self.brokers = brokers
         self.topic = topic
         self._request_timeout_ms = request_timeout_ms
+        self._may_send = may_send
         self._producer: AIOKafkaProducer | None = None
+        self._pending: list[asyncio.Future] = []
+        self._watch: asyncio.Task[None] | None = None
+        self.fenced = False
         self.restored_records = 0
 
     async def start(self) -> None:
@@ -46,21 +55,43 @@ class KafkaChangelog:
                                               max_request_size=8 << 20,
                                               request_timeout_ms=self._request_timeout_ms)
             await self._producer.start()
+            if self._may_send is not None and self._watch is None:
+                self._watch = asyncio.get_running_loop().create_task(watch_lease(
+                    self._may_send, lambda: any(not f.done() for f in self._pending), self._fence))
+
+    def _fence(self) -> None:
+        """States unacknowledged as the lease lapsed must never land (see fence.py): a late
+        one would roll back the state the partition's new owner publishes."""
+        if self._producer is not None:
+            reset_connections(self._producer)
+        self.fenced = True
+        logger.error("group membership lapsed with changelog records unacknowledged: connections reset")
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            producer, self._producer = self._producer, None
+            if self.fenced:  # never again: stopping would send what it still holds
+                reset_connections(producer)
+                return
+            await producer.stop()
 
     async def publish(self, batches: Mapping[int, tuple[Mapping[str, bytes | None], Mapping[str, int]]]
                       ) -> dict[int, int]:
         try:
             return await self._publish(batches)
         except ChangelogError as e:
+            if self.fenced or (self._may_send is not None and not self._may_send()):
+                raise
             # a producer connected before a broker lost its topics can be refused for good on
             # the re-created ones (seen with Tansu: UnknownError) while a new one is accepted.
             # Publishing again is harmless: the records are whole states, the newest read last.
             logger.warning("%s; publishing again with a new producer", e)
+            self._watch, watch = None, self._watch
+            if watch is not None:
+                watch.cancel()
             await self.stop()
             await self.start()
             return await self._publish(batches)
@@ -70,22 +101,32 @@ class KafkaChangelog:
         """Send the states and one meta record per partition; once the broker has acknowledged
         all of them (one flush for all partitions), return each partition's next offset."""
         assert self._producer is not None, "KafkaChangelog.start() was not called"
+        if self.fenced:
+            msg = f"changelog {self.topic!r} was fenced: its producer is not used again"
+            raise ChangelogError(msg)
+        if self._may_send is not None and not self._may_send():
+            msg = "not sure of the group membership: states held back"
+            raise MembershipUnsure(msg)
         send = self._producer.send
-        futs: list[asyncio.Future] = []
+        futs = self._pending = []
         last = {}
-        for partition, (states, meta) in batches.items():
-            for key, value in states.items():
-                futs.append(await send(self.topic, value=value, key=key.encode(), partition=partition))
-            last[partition] = await send(self.topic, value=_meta_codec.encode(dict(meta)), key=b"\0meta",
-                                         partition=partition, headers=[(_META_HEADER, b"1")])
-            futs.append(last[partition])
+        failed: BaseException | None = None
+        try:
+            for partition, (states, meta) in batches.items():
+                for key, value in states.items():
+                    futs.append(await send(self.topic, value=value, key=key.encode(), partition=partition))
+                last[partition] = await send(self.topic, value=_meta_codec.encode(dict(meta)), key=b"\0meta",
+                                             partition=partition, headers=[(_META_HEADER, b"1")])
+                futs.append(last[partition])
+        except Exception as e:  # noqa: BLE001 - reported below, once what was sent is settled
+            failed = e
         # every outcome is collected, so no failed send is left unretrieved; the first error
         # fails the checkpoint before anything is committed
         results = await asyncio.gather(*futs, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                msg = f"publishing states to changelog {self.topic!r} failed: {type(r).__name__}: {r}"
-                raise ChangelogError(msg) from r
+        failed = failed or next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            msg = f"publishing states to changelog {self.topic!r} failed: {type(failed).__name__}: {failed}"
+            raise ChangelogError(msg) from failed
         return {p: fut.result().offset + 1 for p, fut in last.items()}
 
     async def restore(self, stores: Mapping[int, Store]) -> dict[int, dict[str, int]]:

@@ -212,15 +212,17 @@ class KafkaSink:
             while q and self._error is None:
                 if self._may_send is not None and not self._may_send():
                     return  # held here, where `abandon` can still drop them; flush says why
-                kind, part, offset, key, value, headers = q[0]
+                # taken off first: `abandon` may run while the producer is awaited
+                rec = kind, part, offset, key, value, headers = q.popleft()
                 try:
                     fut = await self._producer.send(self.topics[kind], value=value, key=key, partition=part,
                                                     headers=headers)
                 except _TOO_LARGE as e:
-                    q.popleft()
                     self._refused(kind, part, offset, value, e)
                     continue
-                q.popleft()
+                except BaseException:
+                    q.appendleft(rec)  # not taken: kept for the error's report and a retry
+                    raise
                 self._inflight.append((kind, part, offset, value, fut))
         except Exception as e:  # noqa: BLE001 - kept for flush, which stops the worker
             self._error = e
@@ -280,17 +282,24 @@ class KafkaSink:
 
     def checkpoint_meta(self, partition: int, committed: int) -> dict[str, int]:
         """Per output kind, the offset from which the outputs of input at or past `committed`
-        begin. Call after flush(), with the offset about to be committed."""
+        begin. Call after flush(), with the offset about to be committed. Forgets nothing: the
+        commit may still be refused (`prune` once it is accepted)."""
         meta = {}
+        for kind in self.topics:
+            outs = self._outputs.get((kind, partition)) or ()
+            first = next((out for inp, out in outs if inp >= committed), None)
+            if first is not None:
+                meta[f"{kind}_from"] = first
+            elif (kind, partition) in self._end:
+                meta[f"{kind}_from"] = self._end[(kind, partition)]
+        return meta
+
+    def prune(self, partition: int, committed: int) -> None:
+        """Input below `committed` is committed: where its outputs lie no longer matters."""
         for kind in self.topics:
             outs = self._outputs.get((kind, partition))
             while outs and outs[0][0] < committed:
                 outs.popleft()
-            if outs:
-                meta[f"{kind}_from"] = outs[0][1]
-            elif (kind, partition) in self._end:
-                meta[f"{kind}_from"] = self._end[(kind, partition)]
-        return meta
 
     async def recover(self, metas: Mapping[int, Mapping[str, int]]) -> int:
         """Before replaying input partitions, learn which of their outputs already exist: their
