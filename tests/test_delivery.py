@@ -311,3 +311,69 @@ async def test_a_file_run_past_the_bound_uses_a_temporary_rocksdb_and_removes_it
     assert len(seen_dirs) == 1 and not seen_dirs[0].exists()
     assert sorted(d.decision_id for d in sink.decisions) == sorted(
         decision_id(d.key, d.source) for d in sink.decisions)
+
+
+class RecordingSink(MemorySink):
+    """Logs decisions and flushes in order, into a journal shared with RecordingStore."""
+
+    def __init__(self, journal: list) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def write(self, decision) -> None:
+        super().write(decision)
+        self.journal.append(("decision", decision.key, decision.source.offset))
+
+    async def flush(self) -> None:
+        await super().flush()
+        self.journal.append(("flush",))
+
+
+class RecordingStore(MemoryStore):
+    def __init__(self, journal: list) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def write(self, states, positions, meta=None) -> None:
+        for k, v in states.items():
+            self.journal.append(("store", k, _dec.decode(v).offset))
+        super().write(states, positions, meta)
+
+
+async def test_no_state_is_stored_before_the_outputs_of_the_events_it_reflects_are_flushed():
+    """With a hot-key bound far below the key count, every stored state reflects only events
+    whose decisions a flush had already made durable: a crash after the store write can never
+    skip an event whose decision was lost."""
+    journal: list = []
+    keys = [f"k{i:02d}" for i in range(30)]
+    log = MemoryLog(TOPIC, partitions=2)
+    items = fill(log, keys, 14, flag_every=4)
+    stores_: dict = {}
+
+    def open_store(tp):
+        return stores_.setdefault(tp, RecordingStore(journal))
+
+    sink = RecordingSink(journal)
+    pipe = make_pipeline(ScriptedEngine(before=lambda reqs: asyncio.sleep(0.001)))
+    w = pipe.worker(MemoryLogSource(log, batch=7), sink, open_store=open_store, checkpoint_every_s=1e9,
+                    max_hot_keys=3)
+    await asyncio.wait_for(w.run(), 20)
+    assert w.partitions.evicted > 0 and len(sink.decisions) == sum(it["flag"] for it in items) == 90
+    written: dict[str, list[int]] = {}
+    durable: dict[str, int] = {}  # key -> highest offset whose decision a flush covered
+    pending: dict[str, list[int]] = {}
+    stored = 0
+    for entry in journal:
+        if entry[0] == "decision":
+            pending.setdefault(entry[1], []).append(entry[2])
+            written.setdefault(entry[1], []).append(entry[2])
+        elif entry[0] == "flush":
+            for k, offs in pending.items():
+                durable[k] = max([durable.get(k, -1), *offs])
+            pending.clear()
+        else:
+            _, k, offset = entry
+            stored += 1
+            reflected = [o for o in written.get(k, []) if o <= offset]
+            assert not reflected or max(reflected) <= durable.get(k, -1), (k, offset, durable.get(k))
+    assert stored > 30
