@@ -159,17 +159,21 @@ class Partitions:
             self._spill_to_disk()
         kept = []
         hot, dirty, tps = self._hot, self._dirty, self._tp
-        for _ in range(len(hot)):
-            if over <= 0:
-                break
+        while over > 0 and hot:
             key, st = hot.popitem(last=False)
-            if key in busy or key in dirty:
+            if key in dirty:
+                # the rest are younger, and dirty too since the last checkpoint cleaned all
+                # idle keys: stop here rather than scan them
+                hot[key] = st
+                hot.move_to_end(key, last=False)
+                break
+            if key in busy:
                 kept.append((key, st))
                 continue
             del tps[key]
             over -= 1
             self.evicted += 1
-        for key, st in kept:  # they go back young: after the next checkpoint they may go
+        for key, st in kept:  # they go back young: after their lane they may go
             hot[key] = st
         return over > 0
 

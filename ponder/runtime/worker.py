@@ -21,6 +21,7 @@ runs, and `run()` raises WorkerFailed after closing everything.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter, deque
@@ -145,6 +146,11 @@ class Worker:
         """
         started = False
         committing = isinstance(self.source, CommittingSource)
+        # every event allocates short-lived objects (a decoded payload, a state read back from
+        # the store); at the default threshold (700) the collector runs every few events and,
+        # in its older generations, walks every hot key's state. Key states hold no cycles.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
         try:
             for e in self.engines.values():
                 await e.start()
@@ -197,6 +203,7 @@ class Worker:
             self._fail(e, "the run loop")
             raise WorkerFailed(str(self._failure_msg)) from e
         finally:
+            gc.set_threshold(*thresholds)
             await self._shutdown(started)
         return self.stats
 

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Cache, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
 from ponder.state.base import Positions
 
@@ -33,6 +33,16 @@ class RocksStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
+        # a key's first event looks for a state that is not there: a bloom filter answers
+        # that without reading the table
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        if not durable:
+            # a scratch store is read back at once, key by key: keep its blocks uncompressed
+            # and cached rather than decompress one per lookup
+            table.set_block_cache(Cache(64 << 20))
+            opts.set_compression_type(DBCompressionType.none())
+        opts.set_block_based_table_factory(table)
         self._db = Rdict(str(self.path), options=opts)
         self._write_opts = WriteOptions()
         self._write_opts.disable_wal = not durable
