@@ -46,10 +46,9 @@ def write_events(path: Path, keys: int, per_key: int, seed: int) -> int:
 
 def run_one(attr: str, events: Path, workdir: Path) -> dict:
     out = workdir / f"{attr}.jsonl"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
-    # a fresh interpreter per run: ru_maxrss of children is the max over them, so run the
-    # measured command under its own `python -c` wrapper that reports its own peak
+    # a fresh interpreter per run, reporting its own peak (the children's rusage would be the
+    # maximum over all runs)
     code = ("import resource, sys; from typer.main import get_command; from ponder.cli import app; "
             "cmd = get_command(app)\n"
             "try:\n    cmd.main(sys.argv[1:], standalone_mode=False)\n"
@@ -60,7 +59,6 @@ def run_one(attr: str, events: Path, workdir: Path) -> dict:
     elapsed = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
-    del before
     rss_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS")))
     summary = next(line for line in proc.stderr.splitlines() if line.startswith("events="))
     n = int(summary.split()[0].split("=")[1])

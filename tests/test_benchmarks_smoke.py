@@ -95,3 +95,16 @@ def test_edge_pipeline_benchmark_runs_and_agrees(tmp_path: Path) -> None:
     assert runs["no session reuse"]["cached_prompt_tokens"] == 0
     assert runs["ponder"]["cached_prompt_tokens"] > 0
     assert runs["ponder"]["prompt_tokens"] == runs["no session reuse"]["prompt_tokens"]
+
+
+def test_memory_benchmark_runs_both_configurations(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "memory_bound.json"
+    monkeypatch.setattr(sys, "argv", ["memory_bound.py", "--keys", "3000", "--events-per-key", "2",
+                                      "--bound", "200", "--out", str(out)])
+    _load("memory_bound").main()
+    r = json.loads(out.read_text())
+    assert r["events"] == 6000 and r["max_hot_keys"] == 200
+    for run in ("bounded", "unbounded"):
+        assert r[run]["events"] == 6000 and "keys=3000 " in r[run]["summary"]
+        assert r[run]["events_per_s"] > 0 and r[run]["peak_rss_mb"] > 0
+    assert r["throughput_ratio"] == round(r["bounded"]["events_per_s"] / r["unbounded"]["events_per_s"], 3)
