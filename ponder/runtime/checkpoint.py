@@ -188,9 +188,6 @@ class Partitions:
         self._stores = {tp: disk if s is old else s for tp, s in self._stores.items()}
         logger.info("more than %d hot keys: colder key states go to %s", self.max_hot_keys, self._tmpdir)
 
-    def keys_in(self, tp: TP) -> list[str]:
-        return [k for k, t in self._tp.items() if t == tp]
-
     # -- checkpoint ---------------------------------------------------------------------------
 
     async def checkpoint(self, tracker: CompletionTracker, sink: Sink, source: Source,
