@@ -267,8 +267,6 @@ class Partitions:
                 metas[tp]["changelog"] = reached[tp[1]]
         # Step 4.
         for tp, states in by_tp.items():
-            if self.assigned is not None and tp not in self.assigned:
-                continue  # revoked while this checkpoint waited: its store is closed for good
             self._store(tp).write(states, {tp: positions[tp]} if tp in positions else {}, metas[tp])
         # Step 5.
         accepted = True

@@ -275,10 +275,7 @@ class Worker:
             pos = rec.source = SourcePos(pos.topic, pos.partition, pos.offset, epoch)
         self.tracker.received(pos.topic, pos.partition, pos.offset)
         self.stats.events += 1
-        try:
-            ev = self.decoder(rec)
-        except Exception as e:  # noqa: BLE001 - the decoder catches what it knows; anything else is still this record's fault
-            ev = DeadLetter(f"{type(e).__name__}: {e}"[:500], pos, _raw(rec), stage="decode")
+        ev = self.decoder(rec)  # never raises: whatever is wrong with a record is its dead letter
         if type(ev) is DeadLetter:
             self._dead(ev)
             self.tracker.done(pos.topic, pos.partition, pos.offset)
@@ -419,13 +416,6 @@ class Worker:
         except Exception as e:
             self._fail(e, f"revoking {partitions}")
             raise
-
-
-def _raw(rec: Record) -> str:
-    v = rec.value
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v[:2000]).decode("utf-8", "replace")
-    return repr(v)[:2000]
 
 
 def _payload(ev: Event) -> str:

@@ -20,6 +20,19 @@ from ponder.connectors.base import BEFORE_START, BEYOND_END
 __all__ = ["read_to_end", "read_at"]
 
 
+async def _positioned(brokers: str, topic: str, offsets: Mapping[int, int], **opts) -> AIOKafkaConsumer:
+    """A started consumer outside any group, on `topic`'s given partitions at the given offsets;
+    out-of-range offsets raise rather than reset, so callers can tell a log that is too short."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False,
+                                auto_offset_reset="none", fetch_max_wait_ms=50, **opts)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in offsets]
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, offsets[tp.partition])
+    return consumer
+
+
 async def read_to_end(brokers: str, topic: str, starts: Mapping[int, int], *, max_records: int = 5000,
                       patience: int = 10) -> AsyncIterator[tuple[int, list[ConsumerRecord]]]:
     """Yield (partition, records) batches from each partition's start until its high watermark.
@@ -29,15 +42,9 @@ async def read_to_end(brokers: str, topic: str, starts: Mapping[int, int], *, ma
     """
     if not starts:
         return
-    consumer = AIOKafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False,
-                                auto_offset_reset="none", fetch_max_wait_ms=50,
-                                max_partition_fetch_bytes=8 * 1024 * 1024)
-    await consumer.start()
+    consumer = await _positioned(brokers, topic, starts, max_partition_fetch_bytes=8 * 1024 * 1024)
     try:
-        left = {TopicPartition(topic, p) for p in starts}
-        consumer.assign(list(left))
-        for tp in left:
-            consumer.seek(tp, starts[tp.partition])
+        left = set(consumer.assignment())
         empty_rounds = 0
         while left:
             try:
@@ -73,14 +80,9 @@ async def read_at(brokers: str, topic: str, offsets: Mapping[int, int], *, patie
     out: dict[int, ConsumerRecord | int] = {}
     if not offsets:
         return out
-    consumer = AIOKafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False,
-                                auto_offset_reset="none", fetch_max_wait_ms=50)
-    await consumer.start()
+    consumer = await _positioned(brokers, topic, offsets)
     try:
-        left = {TopicPartition(topic, p) for p in offsets}
-        consumer.assign(list(left))
-        for tp in left:
-            consumer.seek(tp, offsets[tp.partition])
+        left = set(consumer.assignment())
         empty_rounds = 0
         while left and empty_rounds < patience:
             try:
