@@ -7,9 +7,10 @@ never changes, so older records keep decoding.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     "SourcePos",
@@ -28,6 +29,7 @@ __all__ = [
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 Severity = Literal["info", "low", "medium", "high", "critical"]
+REASON_MAX = 400  # characters of a decision's reason: in the schema, and enforced after generation
 
 
 class SourcePos(msgspec.Struct, frozen=True, array_like=True):
@@ -63,6 +65,9 @@ class Usage(msgspec.Struct, frozen=True):
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # a figure here is the client's estimate, not the server's report: a server that reports
+    # no cached tokens, or a stream that ends without usage (inference/openai.py)
+    estimated: bool = False
 
 
 class Finding(msgspec.Struct, frozen=True):
@@ -150,8 +155,8 @@ def answer_type(actions: tuple[str, ...]) -> type:
             [
                 ("action", Literal.__getitem__(actions)),
                 ("severity", Severity),
-                ("reason", str),
-                ("confidence", float),
+                ("reason", Annotated[str, Meta(max_length=REASON_MAX)]),
+                ("confidence", Annotated[float, Meta(ge=0.0, le=1.0)]),
             ],
             forbid_unknown_fields=True,
         )
@@ -165,8 +170,6 @@ def answer_schema(actions: tuple[str, ...]) -> dict[str, Any]:
     # msgspec puts the struct under $defs; engines with guided decoding want it inline.
     defs = schema.pop("$defs", {})
     body = defs.get("Answer", schema)
-    body["properties"]["confidence"].update({"minimum": 0.0, "maximum": 1.0})
-    body["properties"]["reason"]["maxLength"] = 400
     body["additionalProperties"] = False
     return body
 

@@ -363,4 +363,4 @@ async def test_refused_connections_fail_fast_without_retries():
     finally:
         await eng.stop()
     assert time.monotonic() - t0 < 2.0  # no backoff of 10 s
-    assert transport.attempts == 4  # one per request
+    assert transport.attempts == 1 + 4  # the start's discovery probe, then one per request

@@ -13,11 +13,13 @@ import msgspec
 
 from ponder.types import Finding, Usage
 
-__all__ = ["Request", "Completion", "Engine", "EngineError"]
+__all__ = ["Request", "Completion", "Engine", "EngineError", "answer_token_bound"]
 
 
 class Request(msgspec.Struct, frozen=True):
-    """One reasoning call. `prefix` is stable between the key's compactions; `tail` is new."""
+    """One reasoning call. `prefix` is stable between the key's compactions; `tail` is new.
+    `max_tokens` 0 means "whatever a valid answer needs": each engine derives it from `schema`
+    (`answer_token_bound`) or knows better (the JAX engine closes an answer within any budget)."""
 
     session: str
     prefix: str
@@ -43,6 +45,9 @@ class Completion(msgspec.Struct, frozen=True):
     model: str
     finish_reason: str = "stop"
     error: str | None = None
+    # the server constrained `text` to the request's schema; when it did not, a reasoner asks
+    # once more with the validation error as a hint before giving up on the tier
+    enforced: bool = True
 
 
 class EngineError(RuntimeError):
@@ -58,3 +63,34 @@ class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def generate(self, requests: Sequence[Request]) -> list[Completion]: ...
+
+
+# the widest JSON number a server's grammar allows (llama.cpp: 16 integral digits, 16
+# decimals, an exponent of 16 digits, a sign each)
+_NUMBER_CHARS = 56
+
+
+def answer_token_bound(schema: dict[str, Any]) -> int:
+    """Tokens that any valid answer to `schema` fits in, so `max_tokens` never cuts one off.
+
+    Counted in characters of the longest compact answer (every property, the longest enum
+    value, strings at `maxLength`, numbers at their grammar's widest), plus room for the
+    whitespace grammars allow between tokens. A byte-level BPE spends at most one token per
+    ASCII character; characters outside ASCII may take more, and an answer cut off by them
+    fails validation like any other invalid answer.
+    """
+    props = schema.get("properties") or {}
+    chars = 2 + max(len(props) - 1, 0)  # braces and commas
+    for name, p in props.items():
+        chars += len(name) + 3  # "name":
+        if "enum" in p:
+            chars += max((len(str(v)) + 2 for v in p["enum"]), default=2)
+        elif p.get("type") == "string":
+            chars += int(p.get("maxLength", 1024)) + 2
+        elif p.get("type") in ("number", "integer"):
+            chars += _NUMBER_CHARS
+        elif p.get("type") == "boolean":
+            chars += 5
+        else:
+            chars += 256  # nested values: a generous allowance
+    return chars + 8 * (len(props) + 1)  # a space or newline around each token of structure

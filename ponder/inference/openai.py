@@ -1,32 +1,49 @@
 """OpenAI-compatible engine: vLLM, llama.cpp, SGLang, our own `serve-model`, or OpenAI itself.
 
-One HTTP call per request, sent concurrently: the server batches them (continuous batching),
-and a semaphore caps how many are in flight. The prompt is laid out so its bytes for one key
-stay a prefix of the next call's until the key's context compacts, which is what automatic
-prefix caching (vLLM, llama.cpp slots) needs to hit:
+What each server supports (structured output, cached-token reporting, how many requests it
+runs at once, streaming) is its profile (inference/servers.py), chosen by `server=` or
+discovered at start from `GET /v1/models`, which also checks that the tier's model is served:
+a tier naming a model the server does not serve fails at start with a message naming it.
+
+One HTTP call per request, sent concurrently up to `max_concurrency` (or the profile's
+`max_requests`: llama-cpp-python runs one request at a time, and requests queued inside it
+would only time out there). The prompt is laid out so its bytes for one key stay a prefix of
+the next call's until the key's context compacts, which is what automatic prefix caching
+(vLLM, llama.cpp's context reuse) needs to hit:
 
 * chat: a system message with the pipeline's header (instructions + schema, the same for every
   key and call), then one user message with the key's data block and the tail (see DATA_MARKER);
 * completions: `prefix + tail` as the raw prompt.
 
-`request.session` (the stream key) goes in the standard `user` field, which every server
-accepts; `session_fields` adds or renames fields (e.g. `prompt_cache_key` for OpenAI).
+The session (the stream key) goes in the profile's `session_fields` (`user` by default).
 
-Failures. A transient failure (timeout, reset connection, 429, 5xx) is retried `retries` times
-with exponential backoff and jitter, waiting at least what `Retry-After` asks. Any other 4xx
-is not retried, and neither is a failure to connect (refused, connect timeout): a backend
-that is down stays down for longer than a backoff, retrying every request of an outage
-multiplies the load on it when it comes back, and the router's breaker is what decides when
-to try again. A request that still fails yields a Completion with `error` set, so one bad
-request does not fail its batch; but when *no* request of a batch could even connect, the
-backend as a whole is down and `generate` raises EngineError.
+Deadlines. `timeout_s` is one deadline for a request, all its attempts together, counted from
+`generate`. Answers are streamed where the profile allows, so a request that waits in a queue
+is told apart from one that is generating (`stall_s`, if set, bounds the silence between
+events once the first has arrived), and a request given up on is cancelled by closing its
+stream before anything is retried: the server stops generating at its next token. A request
+that cannot be cancelled (not streamed) and timed out is never retried, since it may still be
+running.
 
-Structured output. `json_schema` sends OpenAI's `response_format` (vLLM, llama.cpp, SGLang
-and OpenAI accept it); `vllm` sends vLLM's `structured_outputs: {"json": schema}` (current
-vLLM; `guided_json`, which v0.12 removed, can still go through `extra_body` for older servers);
-`none` sends neither.
-`auto` starts as `json_schema` and drops to `none` for good if the server rejects it with a 400.
-The answer is validated after generation either way (operators/decide.py).
+Failures. A transient failure (429, 5xx, a reset connection, a stalled stream) is retried up
+to `retries` times with exponential backoff and jitter, waiting at least what `Retry-After`
+asks, while the deadline allows. A rejected request (any other 4xx, or a 500 whose body is a
+request-validation error, which is how llama-cpp-python answers an unknown `response_format`)
+is not retried as sent: if the server names the structured-output fields, the next structured
+mode is tried (json_schema → json_object + schema → none) and kept for later requests;
+otherwise the request fails. A failure to connect is not retried either: a backend that is
+down stays down for longer than a backoff, and the router's breaker decides when to try again.
+A request that still fails yields a Completion with `error` set, so one bad request does not
+fail its batch; but when *no* request of a batch could even connect, `generate` raises
+EngineError.
+
+Usage. Every attempt's tokens count: prompt tokens once the server has started on it, the
+completion tokens it streamed. Cached prompt tokens come from `usage` where the server reports
+them; where it does not, they are estimated from the prefix this client last sent for the same
+session (or, for a server with one context, to the server at all), and `Usage.estimated` says
+so. A stream that ends without usage counts completion tokens by streamed chunks and prompt
+tokens by the profile's tokenize endpoint, or by a characters-per-token ratio learnt from
+earlier reports.
 """
 
 from __future__ import annotations
@@ -36,13 +53,23 @@ import email.utils
 import logging
 import random
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 
-from ponder.inference.engine import Completion, EngineError, Request
+from ponder.inference.engine import Completion, EngineError, Request, answer_token_bound
+from ponder.inference.servers import (
+    FALLBACK,
+    ServerProfile,
+    discover,
+    profile_named,
+    rejection,
+    structured_fields,
+)
 from ponder.types import Usage
 
 __all__ = ["OpenAIEngine", "DATA_MARKER"]
@@ -53,7 +80,29 @@ logger = logging.getLogger(__name__)
 # message); the newline between them is dropped, so system + "\n" + user == the prompt.
 DATA_MARKER = "\n<data key="
 _MODES = ("chat", "completions")
-_STRUCTURED = ("auto", "json_schema", "vllm", "none")
+_STRUCTURED = ("auto", "json_schema", "json_object", "structured_outputs", "guided_json", "vllm", "none")
+_REDISCOVER_S = 5.0  # between discovery attempts while the server cannot be reached
+_SENT_KEYS = 4096  # sessions whose last prompt is remembered for cache estimates (bounded memory)
+
+
+@dataclass
+class _Attempt:
+    """What one HTTP attempt came to."""
+
+    text: str = ""
+    finish: str = "stop"
+    model: str = ""
+    status: int = 0  # HTTP status; 0 when none arrived
+    body: str = ""  # a failed response's text
+    error: str = ""  # set when the attempt failed
+    started: bool = False  # the server began on it: its prompt is paid for
+    chunks: int = 0  # streamed content events (one per token on the servers we know)
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    unreachable: bool = False
+    running: bool = False  # timed out with no way to cancel: the server may still be generating
+    out_of_time: bool = False
+    retry_after: str | None = None
 
 
 class OpenAIEngine:
@@ -61,68 +110,134 @@ class OpenAIEngine:
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, mode: str = "chat",
-                 max_concurrency: int = 8, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.2, structured: str = "auto", temperature: float = 0.0,
-                 seed: int | None = None, extra_body: dict[str, Any] | None = None,
-                 session_fields: Sequence[str] = ("user",),
+    def __init__(self, base_url: str, model: str = "", *, api_key: str | None = None, mode: str = "chat",
+                 server: str | ServerProfile = "auto", max_concurrency: int = 8, timeout_s: float = 30.0,
+                 stall_s: float | None = None, retries: int = 3, backoff_s: float = 0.2,
+                 structured: str = "auto", temperature: float = 0.0, seed: int | None = None,
+                 extra_body: dict[str, Any] | None = None, session_fields: Sequence[str] | None = None,
+                 cache_salt: str | None = None, tier: str = "",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         if mode not in _MODES or structured not in _STRUCTURED:
             msg = f"OpenAIEngine: mode must be one of {_MODES} and structured one of {_STRUCTURED}"
             raise ValueError(msg)
-        if max_concurrency < 1 or retries < 0 or timeout_s <= 0:
-            raise ValueError("OpenAIEngine: max_concurrency >= 1, retries >= 0, timeout_s > 0")
+        if max_concurrency < 1 or retries < 0 or timeout_s <= 0 or (stall_s is not None and stall_s <= 0):
+            raise ValueError("OpenAIEngine: max_concurrency >= 1, retries >= 0, timeout_s > 0, stall_s > 0")
         base = base_url.rstrip("/")
         if urlsplit(base).path in ("", "/"):
             base += "/v1"  # `http://host:8000` means the usual OpenAI root
         self.base_url, self.model, self.mode = base, model, mode
         self.url = base + ("/chat/completions" if mode == "chat" else "/completions")
+        self.label = f"tier {tier!r} ({base})" if tier else base
         self.api_key = api_key  # explicit only: never send an ambient key to an arbitrary URL
-        self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
+        self.max_concurrency, self.timeout_s, self.stall_s = max_concurrency, timeout_s, stall_s
         self.retries, self.backoff_s = retries, backoff_s
-        self.structured, self.temperature, self.seed = structured, temperature, seed
+        self.temperature, self.seed, self.cache_salt = temperature, seed, cache_salt
         self.extra_body = dict(extra_body or {})
-        self.session_fields = tuple(session_fields)
+        self._server = server if isinstance(server, ServerProfile) else (
+            server if server == "auto" else profile_named(server))
+        self._structured_override = {"auto": None, "vllm": "structured_outputs"}.get(structured, structured)
+        self._session_override = tuple(session_fields) if session_fields is not None else None
+        self._apply(self._server if isinstance(self._server, ServerProfile) else profile_named("openai"))
+        self._discovered = False
+        self._rediscover_at = 0.0
+        self._discovery_lock: asyncio.Lock | None = None
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._sem = asyncio.Semaphore(max_concurrency)  # remade by start(): one per event loop
+        self._sem = asyncio.Semaphore(self.concurrency)  # remade by start(): one per event loop
+        self._sent: OrderedDict[str, str] = OrderedDict()  # scope -> last prompt sent
+        self._chars_per_token = 4.0  # learnt from reported usage; for estimates only
+
+    def _apply(self, profile: ServerProfile) -> None:
+        self.profile = profile
+        mode = profile.structured if self.mode == "chat" else profile.structured_completions
+        self.structured = self._structured_override or mode
+        self.session_fields = self._session_override if self._session_override is not None \
+            else profile.session_fields
+        # the server's own limit when it has one (llama.cpp: one request at a time)
+        self.concurrency = min(self.max_concurrency, profile.max_requests or self.max_concurrency)
+
+    # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the client and discover the server. A model the server does not serve raises
+        EngineError here; a server that cannot be reached yet is asked again on first use."""
         if self._client is None:
             headers = {"content-type": "application/json"}
             if self.api_key:
                 headers["authorization"] = f"Bearer {self.api_key}"
-            n = self.max_concurrency
-            self._sem = asyncio.Semaphore(n)
             self._client = httpx.AsyncClient(
                 headers=headers, transport=self._transport,
-                # a dead host should fail fast, a slow generation may take the whole timeout
-                timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 5.0)),
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+                # a dead host should fail fast; reads are bounded by the request's deadline
+                timeout=httpx.Timeout(None, connect=min(self.timeout_s, 5.0)),
+                limits=httpx.Limits(max_connections=self.max_concurrency + 2,
+                                    max_keepalive_connections=self.max_concurrency))
+            self._discovery_lock = asyncio.Lock()
+            self._sem = asyncio.Semaphore(self.concurrency)
+            await self._discover()
 
     async def stop(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
+    async def _discover(self) -> None:
+        assert self._client is not None and self._discovery_lock is not None
+        async with self._discovery_lock:
+            if self._discovered:
+                return
+            try:
+                found = await asyncio.wait_for(discover(self._client, self.base_url, self._server),
+                                               min(self.timeout_s, 10.0))
+            except (httpx.TransportError, asyncio.TimeoutError) as e:
+                # not again for a while: an outage must not add a probe to every batch
+                self._rediscover_at = time.monotonic() + _REDISCOVER_S
+                logger.warning("%s: cannot reach the server yet (%s): its model is checked on first use",
+                               self.label, type(e).__name__)
+                return
+            self._discovered = True
+            if found.models is not None:
+                if not self.model and len(found.models) == 1:
+                    self.model = found.models[0]
+                elif self.model not in found.models:
+                    served = ", ".join(found.models) or "nothing"
+                    msg = (f"{self.label}: model {self.model!r} is not served there (it serves: {served}); "
+                           "set the tier's model= to one of those")
+                    raise EngineError(msg)
+            before = self.concurrency
+            self._apply(found.profile)
+            if self.concurrency != before:
+                self._sem = asyncio.Semaphore(self.concurrency)
+            logger.info("%s: server profile %s, structured %s, %d request(s) at once",
+                        self.label, self.profile.name, self.structured, self.concurrency)
+
     async def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        await self.start()
-        results = await asyncio.gather(*(self._one(r) for r in requests))
+        if self._client is None:
+            await self.start()
+        elif not self._discovered and time.monotonic() >= self._rediscover_at:
+            await self._discover()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        results = await asyncio.gather(*(self._one(r, deadline) for r in requests))
         if results and all(unreachable for _, unreachable in results):
             msg = f"{self.name} backend unreachable at {self.base_url}: {results[0][0].error}"
             raise EngineError(msg)
         return [c for c, _ in results]
 
-    # -- one request --------------------------------------------------------------------------
+    # -- the body ---------------------------------------------------------------------------
 
     def body(self, req: Request) -> dict[str, Any]:
         """The JSON body sent for `req` (public so tests and tools can inspect the layout)."""
-        b: dict[str, Any] = {"model": self.model, "max_tokens": req.max_tokens,
+        p = self.profile
+        max_tokens = req.max_tokens or p.max_tokens or answer_token_bound(req.schema)
+        b: dict[str, Any] = {"model": self.model or "default", "max_tokens": max_tokens,
                              "temperature": self.temperature}
+        if self.temperature == 0.0:
+            b.update(p.greedy)
         if self.seed is not None:
             b["seed"] = self.seed
         for f in self.session_fields:
             b[f] = req.session
+        if p.cache_salt and self.cache_salt:
+            b["cache_salt"] = self.cache_salt
         if self.mode == "chat":
             i = req.prefix.find(DATA_MARKER)
             if i < 0:
@@ -132,80 +247,253 @@ class OpenAIEngine:
                                  {"role": "user", "content": req.prefix[i + 1 :] + req.tail}]
         else:
             b["prompt"] = req.prefix + req.tail
-        if req.schema and self.structured in ("auto", "json_schema"):
-            b["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "ponder_decision", "schema": req.schema, "strict": True}}
-        elif req.schema and self.structured == "vllm":
-            b["structured_outputs"] = {"json": req.schema}
+        b.update(structured_fields(self.structured, req.schema, p.number_bounds))
+        if p.stream:
+            b["stream"] = True
+            if p.stream_usage:
+                b["stream_options"] = {"include_usage": True}
+        b.update(p.extra_body)
         b.update(self.extra_body)
         return b
 
-    def _fail(self, error: str) -> Completion:
-        return Completion("", Usage(), self.model, finish_reason="error", error=error[:500])
+    def _fail(self, error: str, usage: Usage) -> Completion:
+        return Completion("", usage, self.model, finish_reason="error", error=error[:500],
+                          enforced=self.structured != "none")
 
-    async def _one(self, req: Request) -> tuple[Completion, bool]:
+    # -- one request ------------------------------------------------------------------------
+
+    async def _one(self, req: Request, deadline: float) -> tuple[Completion, bool]:
         """(completion, unreachable): unreachable means the last attempt could not connect."""
-        assert self._client is not None
-        body = self.body(req)
+        loop = asyncio.get_running_loop()
+        total = Usage()
         attempt = 0
         while True:
-            wait = 0.0
-            try:
-                async with self._sem:
-                    r = await self._client.post(self.url, content=msgspec.json.encode(body))
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                # fail fast: see "Failures" above
-                error = f"connect failed: {type(e).__name__}: {e}"
-                return self._fail(f"{error} (after {attempt + 1} attempts)" if attempt else error), True
-            except httpx.TimeoutException as e:
-                error = f"timed out after {self.timeout_s}s: {type(e).__name__}"
-            except httpx.TransportError as e:  # reset, protocol error: worth another try
-                error = f"transport error: {type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    return self._parse(r), False
-                error = f"HTTP {r.status_code}: {r.text[:300]}"
-                if r.status_code == 400 and self.structured == "auto" and "response_format" in body \
-                        and any(w in r.text for w in ("response_format", "json_schema")):
-                    logger.warning("%s rejects response_format; sending no schema from now on: %s",
-                                   self.url, r.text[:200])
-                    self.structured = "none"
-                    body = self.body(req)
-                    continue  # not a retry: the same request without the parameter
-                if r.status_code != 429 and r.status_code < 500:
-                    return self._fail(error), False
-                wait = _retry_after(r.headers.get("retry-after"))
-            if attempt >= self.retries:
-                return self._fail(f"{error} (after {attempt + 1} attempts)"), False
+            body = self.body(req)
+            async with self._sem:
+                a = await self._attempt(body, deadline)
+                usage = await self._usage(req, body, a)
+            total = _add(total, usage)
+            if not a.error and a.status == 200:
+                return Completion(a.text, total, a.model or self.model, a.finish,
+                                  enforced=body_enforced(body)), False
+            error = a.error or f"HTTP {a.status}: {a.body[:300]}"
+            if a.unreachable:
+                error = f"{error} (after {attempt + 1} attempts)" if attempt else error
+                return self._fail(error, total), True
+            if a.status and a.status != 200:
+                why = rejection(a.status, a.body, self.structured)
+                if why == "structured" and self._structured_override is None and self.structured != "none":
+                    nxt = FALLBACK[self.structured]
+                    logger.warning("%s rejects structured output as %s; using %s from now on: %s",
+                                   self.label, self.structured, nxt, a.body[:200])
+                    self.structured = nxt
+                    continue  # not a retry: the same request in a form the server accepts
+                if why is not None:
+                    return self._fail(error, total), False
+            if a.running or a.out_of_time or attempt >= self.retries:
+                note = ("timed out and could not be cancelled, so not retried" if a.running else
+                        f"deadline of {self.timeout_s}s reached" if a.out_of_time else
+                        f"after {attempt + 1} attempts")
+                return self._fail(f"{error} ({note})", total), False
             backoff = self.backoff_s * 2**attempt * random.uniform(0.5, 1.0)
-            await asyncio.sleep(min(max(backoff, wait), self.timeout_s))
+            wait = min(max(backoff, _retry_after(a.retry_after)), deadline - loop.time())
+            if wait < 0:
+                return self._fail(f"{error} (deadline of {self.timeout_s}s reached)", total), False
+            await asyncio.sleep(wait)
             attempt += 1
 
-    def _parse(self, r: httpx.Response) -> Completion:
+    async def _attempt(self, body: dict[str, Any], deadline: float) -> _Attempt:
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        a = _Attempt()
+        if deadline - loop.time() <= 0:
+            a.error, a.out_of_time = f"deadline of {self.timeout_s}s reached before sending", True
+            return a
+        content = msgspec.json.encode(body)
+        stream = bool(body.get("stream"))
+        try:
+            async with asyncio.timeout_at(deadline) as clock:
+                if not stream:
+                    r = await self._client.post(self.url, content=content)
+                    a.status, a.retry_after = r.status_code, r.headers.get("retry-after")
+                    if r.status_code == 200:
+                        a.started = True
+                        self._read_whole(r, a)
+                    else:
+                        a.body = r.text
+                    return a
+                async with self._client.stream("POST", self.url, content=content) as r:
+                    a.status, a.retry_after = r.status_code, r.headers.get("retry-after")
+                    if r.status_code != 200:
+                        a.body = (await r.aread()).decode("utf-8", "replace")
+                        return a
+                    if "text/event-stream" not in r.headers.get("content-type", ""):
+                        await r.aread()  # a server that ignores `stream` answers whole
+                        a.started = True
+                        self._read_whole(r, a)
+                        return a
+                    await self._read_stream(r, a, clock)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            a.error, a.unreachable = f"connect failed: {type(e).__name__}: {e}", True
+        except TimeoutError:
+            # leaving the `async with` closed the stream: the server stops at its next token
+            a.out_of_time = loop.time() >= deadline - 1e-3
+            a.running = not stream
+            a.started = a.started or not stream  # a posted body is being worked on: its prompt counts
+            a.error = (f"timed out after {self.timeout_s}s" if a.out_of_time else
+                       f"stream stalled for {self.stall_s}s")
+        except httpx.TransportError as e:  # reset, protocol error: worth another try
+            a.error = f"transport error: {type(e).__name__}: {e}"
+        return a
+
+    def _read_whole(self, r: httpx.Response, a: _Attempt) -> None:
         try:
             data = msgspec.json.decode(r.content)
             choice = data["choices"][0]
             text = choice["message"].get("content") if self.mode == "chat" else choice["text"]
         except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
-            return self._fail(f"malformed response ({type(e).__name__}: {e}): {r.text[:200]}")
-        return Completion(text or "", _usage(data.get("usage"), data.get("timings")),
-                          str(data.get("model") or self.model), choice.get("finish_reason") or "stop")
+            a.error = f"malformed response ({type(e).__name__}: {e}): {r.text[:200]}"
+            return
+        a.text, a.finish = text or "", choice.get("finish_reason") or "stop"
+        a.model, a.usage, a.timings = str(data.get("model") or ""), data.get("usage"), data.get("timings")
+
+    async def _read_stream(self, r: httpx.Response, a: _Attempt, clock: asyncio.Timeout) -> None:
+        """Server-sent events: `data: {chunk}` lines until `data: [DONE]` (comments and pings
+        skipped). The first event means the server is working on the request."""
+        loop = asyncio.get_running_loop()
+        deadline = clock.when()
+        parts: list[str] = []
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            a.started = True
+            if self.stall_s is not None and deadline is not None:
+                clock.reschedule(min(deadline, loop.time() + self.stall_s))
+            try:
+                chunk = msgspec.json.decode(data)
+            except msgspec.DecodeError:
+                a.error = f"malformed stream event: {data[:200]}"
+                return
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:  # a failure after the 200 went out
+                err = chunk["error"]
+                a.error = f"server error in stream: {err.get('message') if isinstance(err, dict) else err}"[:400]
+                return
+            a.model = str(chunk.get("model") or a.model)
+            if isinstance(chunk.get("usage"), dict):
+                a.usage = chunk["usage"]
+            if isinstance(chunk.get("timings"), dict):
+                a.timings = chunk["timings"]
+            for choice in chunk.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                piece = (choice.get("delta") or {}).get("content") if self.mode == "chat" else choice.get("text")
+                if piece:
+                    parts.append(piece)
+                    a.chunks += 1
+                if choice.get("finish_reason"):
+                    a.finish = choice["finish_reason"]
+        else:
+            if not a.started:
+                a.error = "stream ended without an event"
+        a.text = "".join(parts)
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def _usage(self, req: Request, body: dict[str, Any], a: _Attempt) -> Usage:
+        """This attempt's usage: the server's report where it made one, else an estimate."""
+        if not a.started:
+            return Usage()
+        prompt_text = req.prefix + req.tail
+        u = a.usage if isinstance(a.usage, dict) else {}
+        prompt, completion = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
+        estimated = False
+        if prompt:
+            self._chars_per_token = 0.9 * self._chars_per_token + 0.1 * len(prompt_text) / prompt
+        else:
+            prompt, estimated = await self._count(prompt_text, a), True
+        if not completion and a.chunks:
+            completion, estimated = a.chunks, True
+        cached, reported = _cached(u, a.timings)
+        if not reported:
+            cached, estimated = self._estimate_cached(req, prompt_text, prompt), True
+        self._remember(req, prompt_text)
+        return Usage(prompt, min(cached, prompt), completion, estimated=estimated)
+
+    async def _count(self, text: str, a: _Attempt) -> int:
+        """Prompt tokens of a stream that reported none: the server's tokenizer if the profile
+        names its endpoint (and the attempt succeeded, so the server is free), else chars/ratio."""
+        path = self.profile.tokenize_path
+        if path and not a.error and self._client is not None:
+            root = self.base_url.removesuffix("/v1")
+            try:
+                r = await asyncio.wait_for(self._client.post(
+                    root + path, content=msgspec.json.encode({"input": text, "model": self.model})), 5.0)
+                n = _int(r.json().get("count")) if r.status_code == 200 else 0
+                if n:
+                    return n
+            except (httpx.HTTPError, asyncio.TimeoutError, ValueError, AttributeError):
+                pass
+        return max(1, round(len(text) / self._chars_per_token))
+
+    def _scope(self, req: Request) -> str:
+        return "" if self.profile.cache_scope == "server" else req.session
+
+    def _estimate_cached(self, req: Request, text: str, prompt_tokens: int) -> int:
+        last = self._sent.get(self._scope(req))
+        if not last or not text:
+            return 0
+        return int(prompt_tokens * _common_prefix(text, last) / len(text))
+
+    def _remember(self, req: Request, text: str) -> None:
+        scope = self._scope(req)
+        self._sent[scope] = text
+        self._sent.move_to_end(scope)
+        if len(self._sent) > _SENT_KEYS:
+            self._sent.popitem(last=False)
+
+
+def body_enforced(body: dict[str, Any]) -> bool:
+    """Whether a body asked the server to constrain the answer to the schema."""
+    return any(k in body for k in ("response_format", "structured_outputs", "guided_json"))
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(a.prompt_tokens + b.prompt_tokens, a.cached_prompt_tokens + b.cached_prompt_tokens,
+                 a.completion_tokens + b.completion_tokens, a.cost_usd + b.cost_usd,
+                 a.estimated or b.estimated)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix, by halving (string slices compare in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _int(x: Any) -> int:
     return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 else 0
 
 
-def _usage(usage: Any, timings: Any) -> Usage:
-    """Map OpenAI usage (vLLM: `prompt_tokens_details.cached_tokens`, reported when the server
-    runs with `--enable-prompt-tokens-details`; llama.cpp: `timings.cache_n`) to ponder's."""
-    u = usage if isinstance(usage, dict) else {}
-    prompt = _int(u.get("prompt_tokens"))
-    details = u.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    if not cached and isinstance(timings, dict):
-        cached = _int(timings.get("cache_n"))
-    return Usage(prompt, min(cached, prompt), _int(u.get("completion_tokens")))
+def _cached(usage: dict[str, Any], timings: Any) -> tuple[int, bool]:
+    """(cached prompt tokens, whether the server reported them at all): vLLM
+    `prompt_tokens_details.cached_tokens` (with `--enable-prompt-tokens-details`), llama.cpp's
+    C++ server `timings.cache_n`."""
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and "cached_tokens" in details:
+        return _int(details.get("cached_tokens")), True
+    if isinstance(timings, dict) and "cache_n" in timings:
+        return _int(timings.get("cache_n")), True
+    return 0, False
 
 
 def _retry_after(value: str | None) -> float:

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["build_engine"]
 
 _RETRIES = 2
+# the engine's deadline sits a little inside the batcher's, so that the engine is the one that
+# gives up: it cancels its streams and reports what the attempts used
+_DEADLINE_SHARE = 0.95
 
 
 def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Sequence[ReflexRule] = (),
@@ -23,7 +26,8 @@ def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Seq
     * `reflex`: the rule engine;
     * `jax:PATH`: the checkpoint directory PATH run in process (JaxEngine, chat layout);
     * `http://…` / `https://…`: any OpenAI-compatible server (vLLM, llama.cpp, `ponder
-      serve-model`); the API key, if any, comes from $PONDER_API_KEY;
+      serve-model`), with the tier's `server` profile and `extra_body`; the API key, if any,
+      comes from $PONDER_API_KEY;
     * an Engine instance is used as is.
     """
     if not isinstance(spec, str):
@@ -44,13 +48,12 @@ def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Seq
     if spec.startswith(("http://", "https://")):
         from ponder.inference.openai import OpenAIEngine
 
-        max_batch = tier.max_batch if tier else 8
-        concurrency = tier.max_concurrency if tier else 4
-        # the batcher's timeout covers every retry of a request together
-        timeout_s = (tier.timeout_s if tier else 30.0) / (_RETRIES + 1)
-        return OpenAIEngine(spec, (tier.model if tier else "") or "default",
-                            max_concurrency=max_batch * concurrency, timeout_s=timeout_s,
-                            retries=_RETRIES, api_key=os.environ.get("PONDER_API_KEY"))
+        if tier is None:
+            return OpenAIEngine(spec, api_key=os.environ.get("PONDER_API_KEY"), retries=_RETRIES)
+        return OpenAIEngine(spec, tier.model, server=tier.server, extra_body=dict(tier.extra_body or {}),
+                            max_concurrency=tier.max_batch * tier.max_concurrency,
+                            timeout_s=tier.timeout_s * _DEADLINE_SHARE, stall_s=tier.stall_s,
+                            retries=_RETRIES, tier=tier.name, api_key=os.environ.get("PONDER_API_KEY"))
     msg = (f"unknown engine spec {spec!r}: expected 'reflex', 'jax:PATH', an http(s):// URL of an "
            "OpenAI-compatible server, or an Engine instance")
     raise ValueError(msg)

@@ -523,3 +523,10 @@ def render(policy: ContextPolicy, st: ContextState, head: str,
     tail.append("</data>")
     tail.append(question or "Decide the action for the latest event. Reply with JSON only.")
     return Prompt(prefix, "\n".join(tail) + "\n", st.epoch)
+
+
+def repair_note(error: str) -> str:
+    """What a reasoner adds to a tail to ask again after an answer failed validation. The
+    error can quote the model's own output (an action it invented), so it is data too."""
+    return ("Your previous reply was rejected: " + quote(error, 240)
+            + ". Reply again with only the JSON object the schema above describes.\n")

@@ -38,6 +38,4 @@ def parse_answer(text: str, actions: tuple[str, ...]) -> tuple[Any | None, str |
         ans = dec.decode(_extract_json(text))
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         return None, f"invalid answer: {e}"
-    if not 0.0 <= ans.confidence <= 1.0:
-        return None, f"invalid answer: confidence {ans.confidence} outside [0, 1]"
     return ans, None

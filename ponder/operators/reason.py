@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+import msgspec
 from typing import Awaitable, Callable
 
 from ponder.inference.engine import Completion, Request
@@ -57,12 +59,16 @@ class Reasoner:
         spans: list[Span] = []
         prompt_tokens = cached = completion_tokens = 0
         cost = 0.0
+        estimated = False
         best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
+        repair = ""  # set to ask the same tier again after an answer its server did not constrain
         while True:
             tried.add(tier)
             route.append(tier)
             spec = router.by_name[tier]
             req = self.request(st, event, verdict, tier)
+            if repair:
+                req = msgspec.structs.replace(req, tail=req.tail + repair)
             s0 = self.clock()
             try:
                 comp = await call(tier, req)
@@ -70,6 +76,14 @@ class Reasoner:
                 comp = None
                 errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
             spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
+            if comp is not None:
+                # every attempt is paid for, failed ones too
+                u = comp.usage
+                prompt_tokens += u.prompt_tokens
+                cached += u.cached_prompt_tokens
+                completion_tokens += u.completion_tokens
+                estimated = estimated or u.estimated
+                cost += u.cost_usd or (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0
             if comp is not None and comp.error:
                 errors.append(f"{tier}: {comp.error}"[:300])
                 comp = None
@@ -80,16 +94,16 @@ class Reasoner:
                 router.failed(tier)
                 degraded = True
                 tier = router.down(tier, tried, skipped=skipped)
+                repair = ""
                 continue
-            u = comp.usage
-            prompt_tokens += u.prompt_tokens
-            cached += u.cached_prompt_tokens
-            completion_tokens += u.completion_tokens
-            cost += u.cost_usd or (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0
-            router.succeeded(tier, u.prompt_tokens + u.completion_tokens)
+            router.succeeded(tier, comp.usage.prompt_tokens + comp.usage.completion_tokens)
             answer, err = parse_answer(comp.text, self.actions)
             if answer is None:
                 errors.append(f"{tier}: {err}"[:300])
+                if not comp.enforced and not repair:
+                    repair = ctx.repair_note(err or "")  # once per tier
+                    continue
+                repair = ""
                 nxt = router.up(tier, tried, need, skipped)
                 if nxt is None:
                     degraded = True
@@ -98,6 +112,7 @@ class Reasoner:
                     break
                 tier = nxt
                 continue
+            repair = ""
             if answer.confidence < spec.min_confidence:
                 best = best or (answer, tier, comp.model)
                 nxt = router.up(tier, tried, need, skipped)
@@ -124,7 +139,7 @@ class Reasoner:
             confidence=confidence,
             tier=tier_used,
             model=model,
-            usage=Usage(prompt_tokens, cached, completion_tokens, round(cost, 8)),
+            usage=Usage(prompt_tokens, cached, completion_tokens, round(cost, 8), estimated),
             latency_ms=round((self.clock() - t0) * 1000.0, 3),
             degraded=degraded,
             evidence=evidence,

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
+
+from ponder.inference.servers import ServerProfile
 
 __all__ = ["TierSpec", "Router", "TIER_ORDER", "SKIP_OPEN", "SKIP_PROBING", "SKIP_BUDGET"]
 
@@ -51,6 +53,14 @@ class TierSpec:
     :param max_batch: / max_wait_ms: micro-batching of requests across keys.
     :param failures: consecutive failures that open the breaker for `cooloff_s` seconds, after
         which one probe call is let through (see the module docstring).
+    :param max_tokens: completion budget; 0 derives it from the decision schema, so that any
+        valid answer fits (inference/engine.py `answer_token_bound`).
+    :param timeout_s: one deadline for a call at this tier, every attempt included.
+    :param server: for an http(s) engine, what its server supports: `auto` (asked at start),
+        a profile name (`vllm`, `llama.cpp`, `ponder`, `openai`) or a `ServerProfile`
+        (inference/servers.py), e.g. a built-in one with `max_requests` or `extra_body` replaced.
+    :param extra_body: fields added to every request body of an http(s) engine.
+    :param stall_s: for a streamed http(s) answer, the longest silence once it has started.
     """
 
     name: str
@@ -58,7 +68,7 @@ class TierSpec:
     model: str = ""
     min_score: float = 0.0
     min_confidence: float = 0.0
-    max_tokens: int = 128
+    max_tokens: int = 0
     tokens_per_minute: int = 0
     max_batch: int = 32
     max_wait_ms: float = 5.0
@@ -67,6 +77,9 @@ class TierSpec:
     failures: int = 3
     cooloff_s: float = 30.0
     cost_per_1k_tokens: float = 0.0
+    server: str | ServerProfile = "auto"
+    extra_body: Mapping[str, Any] | None = None
+    stall_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in TIER_ORDER:

@@ -37,6 +37,11 @@ from ponder.types import Usage
 
 __all__ = ["JaxEngine", "chat_messages"]
 
+# a request's budget when it leaves it to the engine (max_tokens 0): the constraint closes a
+# schema'd answer within any budget above a few tokens (constrain.py `close`), so a valid
+# answer always fits in this many without spending a server-grammar's worst case
+_ANSWER_BUDGET = 128
+
 _MODES = ("chat", "completions")
 
 
@@ -250,7 +255,7 @@ class JaxEngine:
             except ValueError as e:
                 out[i] = Completion("", Usage(), self.model, "error", f"request {r.request_id or i}: {e}")
                 continue
-            batch.append(GenRequest(r.session, prompt, r.max_tokens, self.temperature, self.top_p,
+            batch.append(GenRequest(r.session, prompt, r.max_tokens or _ANSWER_BUDGET, self.temperature, self.top_p,
                                     self.seed, constraint))
             where.append(i)
         results = await asyncio.gather(*(self.submit(g) for g in batch))
