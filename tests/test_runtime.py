@@ -543,7 +543,7 @@ async def test_engine_timeout_applies_to_unbatched_tiers_too():
     [
         ("I think we should alert.", "edge: invalid answer: JSON is malformed: invalid character (byte 0)"),
         (answer(action="rm -rf"), "edge: invalid answer: Invalid enum value 'rm -rf' - at `$.action`"),
-        (answer(confidence=1.5), "edge: invalid answer: confidence 1.5 outside [0, 1]"),
+        (answer(confidence=1.5), "edge: invalid answer: Expected `float` <= 1.0 - at `$.confidence`"),
         (answer(severity="apocalyptic"),
          "edge: invalid answer: Invalid enum value 'apocalyptic' - at `$.severity`"),
     ],

@@ -268,7 +268,7 @@ class OpenAIEngine:
         total = Usage()
         attempt = 0
         while True:
-            body = self.body(req)
+            body, mode = self.body(req), self.structured
             async with self._sem:
                 a = await self._attempt(body, deadline)
                 usage = await self._usage(req, body, a)
@@ -281,12 +281,12 @@ class OpenAIEngine:
                 error = f"{error} (after {attempt + 1} attempts)" if attempt else error
                 return self._fail(error, total), True
             if a.status and a.status != 200:
-                why = rejection(a.status, a.body, self.structured)
-                if why == "structured" and self._structured_override is None and self.structured != "none":
-                    nxt = FALLBACK[self.structured]
-                    logger.warning("%s rejects structured output as %s; using %s from now on: %s",
-                                   self.label, self.structured, nxt, a.body[:200])
-                    self.structured = nxt
+                why = rejection(a.status, a.body, mode)
+                if why == "structured" and self._structured_override is None and mode != "none":
+                    if self.structured == mode:  # else a concurrent request has moved on already
+                        self.structured = FALLBACK[mode]
+                        logger.warning("%s rejects structured output as %s; using %s from now on: %s",
+                                       self.label, mode, self.structured, a.body[:200])
                     continue  # not a retry: the same request in a form the server accepts
                 if why is not None:
                     return self._fail(error, total), False
