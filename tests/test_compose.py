@@ -570,6 +570,7 @@ def test_vllm(services):
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     cmd = v["command"]
     assert "--enable-prefix-caching" in cmd
+    assert "--enable-prompt-tokens-details" in cmd  # else its usage reports no cached tokens
     model = cmd[cmd.index("--model") + 1]
     assert model == "Qwen/Qwen2.5-0.5B-Instruct"  # the default of ${VLLM_MODEL:-...}
     assert "${VLLM_MODEL" in yaml.safe_load(COMPOSE.read_text())["services"]["vllm"]["command"][1]

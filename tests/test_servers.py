@@ -68,6 +68,8 @@ async def test_discovery_picks_the_profile_and_its_request_fields(owner, profile
         eng = OpenAIEngine(srv.url, "m", cache_salt="t1")
         (c,) = await run(eng, [req()])
     assert eng.profile.name == profile and c.error is None and c.text == GOOD
+    if profile != "llama.cpp":  # usage from the stream's last event, as vLLM and OpenAI send it
+        assert c.usage == Usage(100, 3, 20)
     body = srv.calls[0].body
     assert {k: body.get(k) for k in fields} == fields
     if profile == "llama.cpp":  # one context: one request at a time; no usage in its streams
