@@ -10,6 +10,7 @@ serving a GGUF that `ponder export-gguf` wrote from a random `tiny` checkpoint.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from ponder.types import answer_schema
 ACTIONS = ("none", "alert", "inspect")
 SCHEMA = answer_schema(ACTIONS)
 ALIAS = "tiny-gguf"
+# what llama-cpp-python's server prints (verbose, its default) when it reuses its context
+PREFIX_HIT = re.compile(r"Llama.generate: (\d+) prefix-match hit")
 
 
 def free_port() -> int:
@@ -168,7 +171,8 @@ async def test_a_model_the_server_does_not_serve_fails_at_start(llama):
 
 
 async def test_pipeline_edge_tier_on_llama_cpp_decides_every_escalation(llama):
-    url, _ = llama
+    url, log = llama
+    seen = len(PREFIX_HIT.findall(log.read_text(errors="replace")))
     items = [{"k": k, "ts": float(i), "v": float(i), "flag": i % 2 == 1}
              for i in range(8) for k in ("A", "B", "C")]
     pipe = Pipeline(
@@ -190,6 +194,14 @@ async def test_pipeline_edge_tier_on_llama_cpp_decides_every_escalation(llama):
     assert cached[0] >= 0 and all(c > 0 for c in cached[1:])
     # a key's second call extends its own first: most of its prompt is estimated cached
     assert max(d.usage.cached_prompt_tokens / d.usage.prompt_tokens for d in decisions) > 0.5
+    # the estimate against the truth: the server logs the prefix it reused for each call
+    # (the engine is new, so its first call is estimated 0; the server may have met an earlier
+    # test's prompt then)
+    hits = [int(n) for n in PREFIX_HIT.findall(log.read_text(errors="replace"))[seen:]]
+    assert len(decisions) - 1 <= len(hits) <= len(decisions)
+    truth, estimate = sum(hits[-(len(decisions) - 1):]), sum(d.usage.cached_prompt_tokens for d in decisions)
+    print(f"cached prompt tokens: server {truth}, estimated {estimate}")
+    assert abs(estimate - truth) <= 0.15 * truth
 
 
 # -- (c) greedy equality with ponder's own server -------------------------------------------------
