@@ -356,5 +356,22 @@ def init_model(
     err.print(f"wrote {preset} ({cfg.num_params / 1e6:.1f}M params, seed {seed}) to {out_dir}")
 
 
+@app.command("export-gguf")
+def export_gguf(
+    model_dir: Path = typer.Argument(..., help="checkpoint directory (config.json, safetensors, tokenizer)"),
+    out: Path = typer.Argument(..., help="GGUF file to write"),
+    dtype: str = typer.Option("f32", help="f32 or f16 (norms and biases stay f32)"),
+) -> None:
+    """Write a checkpoint as one GGUF file (weights, tokenizer, chat template) for llama.cpp."""
+    from ponder.inference.jax.gguf import export_gguf as do_export
+
+    try:
+        cfg = do_export(model_dir, out, dtype)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    err.print(f"wrote {out} ({cfg.num_params / 1e6:.1f}M params, {dtype})")
+
+
 if __name__ == "__main__":
     app()

@@ -22,7 +22,7 @@ import pytest
 
 from ponder.connectors.memory import MemorySink, MemorySource
 from ponder.inference.engine import EngineError, Request
-from ponder.inference.jax.checkpoint import init_model
+from ponder.inference.jax.checkpoint import init_model, init_params, save
 from ponder.inference.jax.engine import JaxEngine
 from ponder.inference.jax.gguf import export_gguf
 from ponder.inference.jax.server import ModelServer
@@ -51,7 +51,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama") / "tiny"
-    init_model(path, "tiny", seed=3)
+    cfg = init_model(path, "tiny", seed=3)
+    # weights at 10x init_model's std: at 0.02 every greedy continuation repeats one token,
+    # which would make (c) pass with broken attention (see tests/test_gguf_export.py)
+    save(path, cfg, init_params(cfg, seed=3, std=0.2))
     return path
 
 
@@ -65,7 +68,10 @@ def llama(ckpt, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", ALIAS,
-             "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port)],
+             "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port),
+             # an f32 KV cache, as ponder's: llama.cpp's default f16 one moves logits by ~1e-2
+             # at these weights, enough to flip a near-tie in (c)
+             "--type_k", "0", "--type_v", "0"],
             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -130,10 +136,10 @@ async def test_json_schema_gets_a_500_validation_error_and_the_generic_profile_f
     await generic.stop()
     assert generic.structured == "json_object" and [c.error for c in out] == [None, None]
     for c in out:  # its grammar kept the enums; bounds it ignores are still enforced here
-        answer = json.loads(c.text)
+        answer = json.loads(c.text, strict=False)  # its grammar lets control characters into strings
         assert answer["action"] in ACTIONS and set(answer) == {"action", "severity", "reason", "confidence"}
         err = parse_answer(c.text, ACTIONS)[1]
-        assert err is None or err.endswith("at `$.confidence`"), err
+        assert err is None or err.endswith("at `$.confidence`"), (err, c.text)  # e.g. 9141713e13310106
 
 
 async def test_completions_mode_is_unconstrained_and_says_so(llama):
@@ -220,5 +226,8 @@ def test_serve_model_and_llama_cpp_continue_prompts_identically(llama, ckpt):
             b = http.post(url + "/completions", json={
                 "model": ALIAS, "prompt": prompt, "repeat_penalty": 1.0, "top_k": 1, **greedy}).json()
             ta, tb = a["choices"][0]["text"], b["choices"][0]["text"]
-            assert ta == tb, (prompt, ta, tb)
+            # a continuation can end inside a UTF-8 sequence: serve-model shows the stray bytes
+            # as U+FFFD, llama-cpp-python drops them (errors="ignore"); the token counts must agree
+            assert ta.replace("\ufffd", "") == tb, (prompt, ta, tb)
+            assert len(set(ta)) >= 3, ta  # a varied continuation, not one token repeated
             assert a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"], json.dumps([a, b])
