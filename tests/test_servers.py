@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import msgspec
 import pytest
 from openai_script_server import Reply, ScriptedOpenAIServer, chat_reply, completion_reply
@@ -278,3 +279,32 @@ async def test_an_unconstrained_answer_that_fails_validation_is_asked_for_once_m
     assert first.usage.prompt_tokens == 200  # both calls paid for
     # the second event: bad answer, then the repair is also bad: the tier gives up, reflex decides
     assert second.trace.route == ["edge", "edge", "reflex"] and second.tier == "reflex" and second.degraded
+
+
+# -- ponder's own server ------------------------------------------------------------------------
+
+
+async def test_serve_model_gets_one_attempt_per_deadline_however_many_retries_are_allowed(tmp_path):
+    """The issue's cold `serve-model`: attempts timed out one by one and each was sent again while
+    the server still generated the last. Now a deadline ends the request (its stream closed) and
+    nothing is sent again."""
+    from ponder.inference.jax.checkpoint import init_model
+    from ponder.inference.jax.engine import JaxEngine
+    from ponder.inference.jax.server import ModelServer
+
+    init_model(tmp_path / "tiny", "tiny", seed=0)
+    with ModelServer(JaxEngine(tmp_path / "tiny", max_batch=2)) as server:
+        warm = OpenAIEngine(server.url, "tiny", mode="completions")
+        await run(warm, [Request("w", "warm up", "", 4, ACTIONS, {})])
+        # 3,000 tokens: a new shape to compile, then far more decoding than the deadline allows
+        eng = OpenAIEngine(server.url, "tiny", mode="completions", timeout_s=1.0, retries=3)
+        (c,) = await run(eng, [Request("k", "pump 7 flow", "", 3000, ACTIONS, {})])
+        metrics = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
+    assert c.error == "timed out after 1.0s (deadline of 1.0s reached)" and eng.profile.name == "ponder"
+    sent = _metric(metrics, 'ponder_model_requests_total{endpoint="completions",status="200"}')
+    assert sent == 2  # the warm-up and one attempt
+
+
+def _metric(text: str, name: str) -> float:
+    (value,) = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return value
