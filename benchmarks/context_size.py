@@ -36,6 +36,7 @@ from typing import Any, Callable
 import msgspec
 
 from ponder.connectors.base import Record
+from ponder.inference.openai import common_prefix
 from ponder.operators.context import approx_tokens, render
 from ponder.operators.keyed import KeyState
 from ponder.pipelines.iot_monitor import pipeline
@@ -47,19 +48,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _enc = msgspec.json.Encoder()
 _mp = msgspec.msgpack.Encoder()
 
-
-def common_prefix_len(a: str, b: str) -> int:
-    """Length of the longest common prefix, by bisection on C-level slice compares."""
-    if b.startswith(a):
-        return len(a)
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 # -- optional real tokenizer --------------------------------------------------------------------
@@ -158,7 +146,7 @@ def measure(events_per_key: int, keys: int, seed: int, window: int,
             s["strict_new_prefix_chars"] += len(p.prefix) - len(old)
         else:
             s["breaks_without_compaction"] += not compacted
-            s["new_prefix_chars"] += len(p.prefix) - common_prefix_len(old, p.prefix)
+            s["new_prefix_chars"] += len(p.prefix) - common_prefix(old, p.prefix)
             s["strict_new_prefix_chars"] += len(p.prefix)
     feed_s = time.perf_counter() - t0
 

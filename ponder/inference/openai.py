@@ -72,7 +72,7 @@ from ponder.inference.servers import (
 )
 from ponder.types import Usage
 
-__all__ = ["OpenAIEngine", "DATA_MARKER"]
+__all__ = ["OpenAIEngine", "DATA_MARKER", "common_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ class OpenAIEngine:
         last = self._sent.get(self._scope(req))
         if not last or not text:
             return 0
-        return int(prompt_tokens * _common_prefix(text, last) / len(text))
+        return int(prompt_tokens * common_prefix(text, last) / len(text))
 
     def _remember(self, req: Request, text: str) -> None:
         scope = self._scope(req)
@@ -468,8 +468,10 @@ def _add(a: Usage, b: Usage) -> Usage:
                  a.estimated or b.estimated)
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: str, b: str) -> int:
     """Length of the common prefix, by halving (string slices compare in C)."""
+    if b.startswith(a):
+        return len(a)
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
