@@ -30,6 +30,7 @@ class Reply:
     delay_s: float = 0.0
     pace: bool = False  # streamed: spread delay_s over the events instead of before the first
     stall_after: int | None = None  # streamed: send this many events, then wait delay_s once
+    cut_after: int | None = None  # streamed: send this many events, then [DONE] (no finish reason)
 
 
 @dataclass
@@ -159,6 +160,8 @@ class ScriptedOpenAIServer:
                 self.end_headers()
                 step = reply.delay_s / max(len(events), 1) if reply.pace else 0.0
                 sent = 0
+                if reply.cut_after is not None:
+                    events = events[: reply.cut_after]
                 try:
                     for e in [*events, "[DONE]"]:
                         if e == "[DONE]":

@@ -141,7 +141,7 @@ async def test_usage_mapping_variants_and_batch_order():
         "null-cached": chat_reply("c", prompt_tokens=10, completion_tokens=2, cached=None),
         "llama.cpp": chat_reply("d", prompt_tokens=30, completion_tokens=3, timings={"cache_n": 25}),
         "over": chat_reply("e", prompt_tokens=5, completion_tokens=1, cached=9),
-        "no-usage": Reply(body={"model": "m", "choices": [{"message": {"content": "f"}}]}),
+        "no-usage": Reply(body={"model": "m", "choices": [{"message": {"content": "f"}, "finish_reason": "stop"}]}),
     }
     replies["null-cached"].body["usage"]["prompt_tokens_details"] = {"cached_tokens": None}
     with ScriptedOpenAIServer(lambda call: replies[call.body["user"]]) as srv:

@@ -202,6 +202,24 @@ async def test_a_stalled_stream_is_closed_before_the_retry_and_both_attempts_are
     assert first_prompt > 0 and c.usage.completion_tokens == 7 + 2 and c.usage.estimated
 
 
+async def test_a_stream_cut_off_before_its_finish_reason_is_retried_and_paid_for():
+    # llama-cpp-python ends a running stream with [DONE] when another request arrives
+    replies = [Reply(body=chat_reply(GOOD).body, cut_after=4), chat_reply(GOOD, prompt_tokens=100, completion_tokens=7)]
+    with ScriptedOpenAIServer(replies, models=owned("acme", "m")) as srv:
+        (c,) = await run(OpenAIEngine(srv.url, "m", backoff_s=0.01), [req()])
+    assert c.error is None and c.text == GOOD and len(srv.calls) == 2
+    assert c.usage.completion_tokens == 7 + 3 and c.usage.estimated  # the cut stream's 3 words too
+
+
+async def test_content_of_the_wrong_type_fails_that_request_alone():
+    odd = Reply(body={"choices": [{"message": {"content": [{"type": "text", "text": GOOD}]}}]})
+    with ScriptedOpenAIServer(lambda call: odd if call.body["user"] == "b" else chat_reply(GOOD),
+                              models=owned("acme", "m")) as srv:
+        eng = OpenAIEngine(srv.url, "m", server=ServerProfile(name="plain", stream=False), retries=0)
+        a, b = await run(eng, [req("a"), req("b")])
+    assert a.error is None and b.error.startswith("malformed response (TypeError: content is a list, not a string)")
+
+
 async def test_an_uncancellable_request_that_timed_out_is_not_retried():
     profile = ServerProfile(name="plain", stream=False)
     with ScriptedOpenAIServer([Reply(body=chat_reply(GOOD).body, delay_s=1.0)], models=owned("x", "m")) as srv:

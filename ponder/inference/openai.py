@@ -65,6 +65,7 @@ from ponder.inference.engine import Completion, EngineError, Request, answer_tok
 from ponder.inference.servers import (
     FALLBACK,
     ServerProfile,
+    ServerNotReady,
     discover,
     profile_named,
     rejection,
@@ -82,6 +83,7 @@ DATA_MARKER = "\n<data key="
 _MODES = ("chat", "completions")
 _STRUCTURED = ("auto", "json_schema", "json_object", "structured_outputs", "guided_json", "vllm", "none")
 _REDISCOVER_S = 5.0  # between discovery attempts while the server cannot be reached
+_DISCOVER_S = 10.0  # the longest a discovery may take
 _SENT_KEYS = 4096  # sessions whose last prompt is remembered for cache estimates (bounded memory)
 
 
@@ -139,6 +141,7 @@ class OpenAIEngine:
         self._session_override = tuple(session_fields) if session_fields is not None else None
         self._apply(self._server if isinstance(self._server, ServerProfile) else profile_named("openai"))
         self._discovered = False
+        self._not_served = ""  # set when the server does not serve the tier's model
         self._rediscover_at = 0.0
         self._discovery_lock: asyncio.Lock | None = None
         self._transport = transport
@@ -146,6 +149,7 @@ class OpenAIEngine:
         self._sem = asyncio.Semaphore(self.concurrency)  # remade by start(): one per event loop
         self._sent: OrderedDict[str, str] = OrderedDict()  # scope -> last prompt sent
         self._chars_per_token = 4.0  # learnt from reported usage; for estimates only
+        self._warned_cached = False
 
     def _apply(self, profile: ServerProfile) -> None:
         self.profile = profile
@@ -160,7 +164,8 @@ class OpenAIEngine:
 
     async def start(self) -> None:
         """Open the client and discover the server. A model the server does not serve raises
-        EngineError here; a server that cannot be reached yet is asked again on first use."""
+        EngineError (here, or from `generate` when the server could not be reached at start,
+        and from every `generate` after); a server not reachable yet is asked again on use."""
         if self._client is None:
             headers = {"content-type": "application/json"}
             if self.api_key:
@@ -172,50 +177,54 @@ class OpenAIEngine:
                 limits=httpx.Limits(max_connections=self.max_concurrency + 2,
                                     max_keepalive_connections=self.max_concurrency))
             self._discovery_lock = asyncio.Lock()
-            self._sem = asyncio.Semaphore(self.concurrency)
-            await self._discover()
+            known = self._discovered or not isinstance(self._server, str)  # a named or given profile
+            self._sem = asyncio.Semaphore(self.concurrency if known else 1)
+            await self._discover(_DISCOVER_S)
 
     async def stop(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
-    async def _discover(self) -> None:
+    async def _discover(self, within: float) -> None:
+        """Ask the server what it is. Until that succeeds, requests go one at a time: a
+        server that turns out to run one request would end the others' streams early."""
         assert self._client is not None and self._discovery_lock is not None
         async with self._discovery_lock:
-            if self._discovered:
+            if self._not_served:
+                raise EngineError(self._not_served)
+            if self._discovered or within <= 0:
                 return
             try:
-                found = await asyncio.wait_for(discover(self._client, self.base_url, self._server),
-                                               min(self.timeout_s, 10.0))
-            except (httpx.TransportError, asyncio.TimeoutError) as e:
+                found = await asyncio.wait_for(discover(self._client, self.base_url, self._server), within)
+            except (httpx.TransportError, asyncio.TimeoutError, ServerNotReady) as e:
                 # not again for a while: an outage must not add a probe to every batch
                 self._rediscover_at = time.monotonic() + _REDISCOVER_S
                 logger.warning("%s: cannot reach the server yet (%s): its model is checked on first use",
                                self.label, type(e).__name__)
                 return
-            self._discovered = True
             if found.models is not None:
                 if not self.model and len(found.models) == 1:
                     self.model = found.models[0]
                 elif self.model not in found.models:
                     served = ", ".join(found.models) or "nothing"
-                    msg = (f"{self.label}: model {self.model!r} is not served there (it serves: {served}); "
-                           "set the tier's model= to one of those")
-                    raise EngineError(msg)
-            before = self.concurrency
+                    # kept: every later batch fails the same way rather than guessing
+                    self._not_served = (f"{self.label}: model {self.model!r} is not served there (it serves: "
+                                        f"{served}); set the tier's model= to one of those")
+                    raise EngineError(self._not_served)
+            self._discovered = True
             self._apply(found.profile)
-            if self.concurrency != before:
-                self._sem = asyncio.Semaphore(self.concurrency)
+            self._sem = asyncio.Semaphore(self.concurrency)  # holders of the old one release it
             logger.info("%s: server profile %s, structured %s, %d request(s) at once",
                         self.label, self.profile.name, self.structured, self.concurrency)
 
     async def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s  # discovery on first use comes out of it too
         if self._client is None:
             await self.start()
-        elif not self._discovered and time.monotonic() >= self._rediscover_at:
-            await self._discover()
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        elif self._not_served or (not self._discovered and time.monotonic() >= self._rediscover_at):
+            await self._discover(min(_DISCOVER_S, (deadline - loop.time()) / 2))
         results = await asyncio.gather(*(self._one(r, deadline) for r in requests))
         if results and all(unreachable for _, unreachable in results):
             msg = f"{self.name} backend unreachable at {self.base_url}: {results[0][0].error}"
@@ -271,7 +280,7 @@ class OpenAIEngine:
             body, mode = self.body(req), self.structured
             async with self._sem:
                 a = await self._attempt(body, deadline)
-                usage = await self._usage(req, body, a)
+                usage = await self._usage(req, a, deadline)
             total = _add(total, usage)
             if not a.error and a.status == 200:
                 return Completion(a.text, total, a.model or self.model, a.finish,
@@ -296,9 +305,9 @@ class OpenAIEngine:
                         f"after {attempt + 1} attempts")
                 return self._fail(f"{error} ({note})", total), False
             backoff = self.backoff_s * 2**attempt * random.uniform(0.5, 1.0)
-            wait = min(max(backoff, _retry_after(a.retry_after)), deadline - loop.time())
-            if wait < 0:
-                return self._fail(f"{error} (deadline of {self.timeout_s}s reached)", total), False
+            wait = max(backoff, _retry_after(a.retry_after))
+            if wait >= deadline - loop.time():  # asked to wait past the deadline: fail now
+                return self._fail(f"{error} (no time left for a retry within {self.timeout_s}s)", total), False
             await asyncio.sleep(wait)
             attempt += 1
 
@@ -351,6 +360,8 @@ class OpenAIEngine:
             data = msgspec.json.decode(r.content)
             choice = data["choices"][0]
             text = choice["message"].get("content") if self.mode == "chat" else choice["text"]
+            if not isinstance(text, (str, type(None))):
+                raise TypeError(f"content is a {type(text).__name__}, not a string")
         except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
             a.error = f"malformed response ({type(e).__name__}: {e}): {r.text[:200]}"
             return
@@ -363,10 +374,16 @@ class OpenAIEngine:
         loop = asyncio.get_running_loop()
         deadline = clock.when()
         parts: list[str] = []
+        finished = False
         async for line in r.aiter_lines():
+            if line.startswith("error:"):  # llama.cpp's C++ server reports a failure so
+                a.error = f"server error in stream: {line[6:].strip()[:300]}"
+                return
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
+            if not data:
+                continue
             if data == "[DONE]":
                 break
             a.started = True
@@ -379,7 +396,7 @@ class OpenAIEngine:
                 return
             if not isinstance(chunk, dict):
                 continue
-            if "error" in chunk:  # a failure after the 200 went out
+            if chunk.get("error"):  # a failure after the 200 went out
                 err = chunk["error"]
                 a.error = f"server error in stream: {err.get('message') if isinstance(err, dict) else err}"[:400]
                 return
@@ -391,20 +408,23 @@ class OpenAIEngine:
             for choice in chunk.get("choices") or ():
                 if not isinstance(choice, dict):
                     continue
-                piece = (choice.get("delta") or {}).get("content") if self.mode == "chat" else choice.get("text")
-                if piece:
+                delta = choice.get("delta")
+                piece = (delta.get("content") if isinstance(delta, dict) else None) if self.mode == "chat" \
+                    else choice.get("text")
+                if isinstance(piece, str) and piece:
                     parts.append(piece)
                     a.chunks += 1
                 if choice.get("finish_reason"):
-                    a.finish = choice["finish_reason"]
-        else:
-            if not a.started:
-                a.error = "stream ended without an event"
+                    a.finish, finished = str(choice["finish_reason"]), True
         a.text = "".join(parts)
+        if not finished:
+            # cut off: a stream ended early (llama-cpp-python ends a running stream when
+            # another request arrives), a proxy closed it: worth another try
+            a.error = "stream ended without a finish reason" if a.started else "stream ended without an event"
 
     # -- usage ------------------------------------------------------------------------------
 
-    async def _usage(self, req: Request, body: dict[str, Any], a: _Attempt) -> Usage:
+    async def _usage(self, req: Request, a: _Attempt, deadline: float) -> Usage:
         """This attempt's usage: the server's report where it made one, else an estimate."""
         if not a.started:
             return Usage()
@@ -415,24 +435,30 @@ class OpenAIEngine:
         if prompt:
             self._chars_per_token = 0.9 * self._chars_per_token + 0.1 * len(prompt_text) / prompt
         else:
-            prompt, estimated = await self._count(prompt_text, a), True
+            prompt, estimated = await self._count(prompt_text, a, deadline), True
         if not completion and a.chunks:
             completion, estimated = a.chunks, True
         cached, reported = _cached(u, a.timings)
+        if not reported and self.profile.cached_tokens and not self._warned_cached:
+            self._warned_cached = True
+            logger.warning("%s reports no cached prompt tokens (vLLM: --enable-prompt-tokens-details); "
+                           "estimating them", self.label)
         if not reported:
             cached, estimated = self._estimate_cached(req, prompt_text, prompt), True
         self._remember(req, prompt_text)
         return Usage(prompt, min(cached, prompt), completion, estimated=estimated)
 
-    async def _count(self, text: str, a: _Attempt) -> int:
+    async def _count(self, text: str, a: _Attempt, deadline: float) -> int:
         """Prompt tokens of a stream that reported none: the server's tokenizer if the profile
-        names its endpoint (and the attempt succeeded, so the server is free), else chars/ratio."""
+        names its endpoint (and the attempt succeeded, so the server is free) and the deadline
+        leaves time, else chars/ratio."""
         path = self.profile.tokenize_path
-        if path and not a.error and self._client is not None:
+        left = min(5.0, deadline - asyncio.get_running_loop().time())
+        if path and not a.error and self._client is not None and left > 0:
             root = self.base_url.removesuffix("/v1")
             try:
                 r = await asyncio.wait_for(self._client.post(
-                    root + path, content=msgspec.json.encode({"input": text, "model": self.model})), 5.0)
+                    root + path, content=msgspec.json.encode({"input": text, "model": self.model})), left)
                 n = _int(r.json().get("count")) if r.status_code == 200 else 0
                 if n:
                     return n

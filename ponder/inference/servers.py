@@ -38,7 +38,7 @@ import httpx
 import msgspec
 
 __all__ = ["ServerProfile", "PROFILES", "profile_named", "structured_fields", "rejection",
-           "discover", "Discovery", "FALLBACK"]
+           "discover", "Discovery", "FALLBACK", "ServerNotReady"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ _VALIDATION = re.compile(
     r"validation error|Input should be|Field required|Extra inputs are not permitted|"
     r"literal_error|'loc': \('body'|\"loc\": ?\[\"body\"|invalid_request_error|is not supported|"
     r"Unrecognized request argument|unexpected keyword", re.IGNORECASE)
-_MODE_WORDS = {"json_schema": ("response_format", "json_schema"), "json_object": ("response_format",
-               "json_object", "schema"), "structured_outputs": ("structured_outputs",),
-               "guided_json": ("guided_json",)}
+_MODE_WORDS = {"json_schema": ("response_format", "json_schema"), "json_object": ("response_format", "json_object"),
+               "structured_outputs": ("structured_outputs",), "guided_json": ("guided_json",)}
 
 
 def rejection(status: int, text: str, mode: Structured) -> str | None:
@@ -178,6 +177,11 @@ def rejection(status: int, text: str, mode: Structured) -> str | None:
     return "request"
 
 
+class ServerNotReady(Exception):
+    """`GET /v1/models` answered 429, 502, 503 or 504 (a server still loading its model, a
+    proxy before it): ask again later rather than settle on a profile now."""
+
+
 class Discovery(msgspec.Struct, frozen=True):
     """What `GET /v1/models` (and friends) said. `models` is None when the server has no such
     endpoint: the model cannot be checked then."""
@@ -190,6 +194,9 @@ async def discover(client: httpx.AsyncClient, base_url: str, server: str | Serve
     """Ask the server what it serves and, for `auto`, which profile fits it. Connection
     errors propagate (the caller decides whether an unreachable server may start later)."""
     r = await client.get(base_url + "/models")
+    if r.status_code in (429, 502, 503, 504):  # 501 and 404: there is no such endpoint
+        msg = f"{base_url}/models answered HTTP {r.status_code}"
+        raise ServerNotReady(msg)
     models: tuple[str, ...] | None = None
     owners: set[str] = set()
     if r.status_code == 200:

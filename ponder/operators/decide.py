@@ -18,9 +18,8 @@ answer that is otherwise valid; nothing else about the answer is relaxed.
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from typing import Any
 
 import msgspec
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import msgspec
-from typing import Awaitable, Callable
 
 from ponder.inference.engine import Completion, Request
 from ponder.operators import context as ctx
