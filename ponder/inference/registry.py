@@ -1,15 +1,17 @@
-"""Resolve a tier's engine spec into an Engine."""
+"""Resolve a tier's engine spec into an Engine.
+
+Engines know requests, not pipelines: the pipeline hands `build_engine` plain arguments taken
+from its tier, so nothing here imports the operators' configuration.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Mapping, Sequence
 
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexEngine, ReflexRule
-
-if TYPE_CHECKING:
-    from ponder.operators.route import TierSpec
+from ponder.inference.servers import ServerProfile
 
 __all__ = ["build_engine"]
 
@@ -19,9 +21,11 @@ _RETRIES = 2
 _DEADLINE_SHARE = 0.95
 
 
-def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Sequence[ReflexRule] = (),
-                 default_action: str = "none") -> Engine:
-    """Build the engine a spec names.
+def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), default_action: str = "none",
+                 name: str = "", model: str = "", max_batch: int = 8, max_concurrency: int = 4,
+                 timeout_s: float = 30.0, server: str | ServerProfile = "auto",
+                 extra_body: Mapping[str, Any] | None = None, stall_s: float | None = None) -> Engine:
+    """Build the engine a spec names (the keyword arguments are a tier's settings).
 
     * `reflex`: the rule engine;
     * `jax:PATH`: the checkpoint directory PATH run in process (JaxEngine, chat layout);
@@ -43,17 +47,13 @@ def build_engine(spec: str | Engine, *, tier: TierSpec | None = None, rules: Seq
         path = spec[len("jax:") :]
         if not path:
             raise ValueError("engine spec 'jax:' needs a checkpoint directory: jax:PATH")
-        return JaxEngine(path, max_batch=tier.max_batch if tier else 8,
-                         model_name=(tier.model if tier else "") or None)
+        return JaxEngine(path, max_batch=max_batch, model_name=model or None)
     if spec.startswith(("http://", "https://")):
         from ponder.inference.openai import OpenAIEngine
 
-        if tier is None:
-            return OpenAIEngine(spec, api_key=os.environ.get("PONDER_API_KEY"), retries=_RETRIES)
-        return OpenAIEngine(spec, tier.model, server=tier.server, extra_body=dict(tier.extra_body or {}),
-                            max_concurrency=tier.max_batch * tier.max_concurrency,
-                            timeout_s=tier.timeout_s * _DEADLINE_SHARE, stall_s=tier.stall_s,
-                            retries=_RETRIES, tier=tier.name, api_key=os.environ.get("PONDER_API_KEY"))
+        return OpenAIEngine(spec, model, server=server, extra_body=dict(extra_body or {}),
+                            max_concurrency=max_batch * max_concurrency, timeout_s=timeout_s * _DEADLINE_SHARE,
+                            stall_s=stall_s, retries=_RETRIES, tier=name, api_key=os.environ.get("PONDER_API_KEY"))
     msg = (f"unknown engine spec {spec!r}: expected 'reflex', 'jax:PATH', an http(s):// URL of an "
            "OpenAI-compatible server, or an Engine instance")
     raise ValueError(msg)

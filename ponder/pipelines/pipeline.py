@@ -107,7 +107,10 @@ class Pipeline:
         built = dict(engines or {})
         for t in self.tiers:
             if t.name not in built:
-                built[t.name] = build_engine(t.engine, tier=t, rules=self.reflex, default_action=self.actions[0])
+                built[t.name] = build_engine(
+                    t.engine, rules=self.reflex, default_action=self.actions[0], name=t.name, model=t.model,
+                    max_batch=t.max_batch, max_concurrency=t.max_concurrency, timeout_s=t.timeout_s,
+                    server=t.server, extra_body=t.extra_body, stall_s=t.stall_s)
         # the router's clock is monotonic; event times are checked against the wall clock
         decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s)
         return logic, decoder, built
