@@ -9,12 +9,13 @@ from ponder.connectors.memory import MemorySink, MemorySource
 from ponder.inference.reflex import ReflexEngine, ReflexRule
 from ponder.operators.context import ContextPolicy
 from ponder.operators.gate import GatePolicy, Rule
+from ponder.operators.price import Price
 from ponder.operators.route import TierSpec
 from ponder.pipelines.pipeline import Pipeline, load_pipeline
 from ponder.types import DeadLetter, Decision, Event, SourcePos, Usage
 
 __all__ = [
-    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "ReflexRule",
+    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "ReflexRule",
     "ReflexEngine", "JsonlSource", "JsonlSink", "CsvSource", "CsvSink", "NabSource", "MemorySource",
     "MemorySink", "Event", "Decision", "DeadLetter", "SourcePos", "Usage",
 ]

@@ -617,6 +617,31 @@ async def test_low_confidence_without_a_higher_tier_keeps_the_answer():
     assert d.trace is not None and d.trace.route == ["edge"]
 
 
+def _cloud_failing(how: str) -> ScriptedEngine:
+    def script(req: Request) -> str:
+        if how == "raises":
+            raise Boom("cloud down")
+        if how == "garbage":
+            return "not json"
+        return answer(action="alert", reason="cloud unsure", confidence=0.1)
+
+    return ScriptedEngine(script, model="big-1")
+
+
+@pytest.mark.parametrize("how", ["raises", "garbage", "less sure"])
+async def test_a_valid_unconfident_answer_is_kept_when_the_tier_above_does_worse(how):
+    edge = ScriptedEngine(lambda r: answer(action="inspect", reason="edge unsure", confidence=0.3))
+    pipe = scored_pipeline(edge, _cloud_failing(how), score=0.7,
+                           edge_kw={"min_confidence": 0.6, "max_wait_ms": 1.0}, cloud_kw={"max_wait_ms": 1.0})
+    sink = MemorySink()
+    await run(pipe.worker(MemorySource(one_flagged_event()), sink))
+    (d,) = sink.decisions
+    # not the reflex fallback: the edge's valid answer stands
+    assert (d.tier, d.action, d.reason, d.confidence) == ("edge", "inspect", "edge unsure", 0.3)
+    assert d.trace.route == ["edge", "cloud"] and d.degraded == (how != "less sure")  # the climb failed
+    assert len(d.trace.errors) == (0 if how == "less sure" else 1)
+
+
 async def test_breaker_opens_after_consecutive_failures_and_closes_after_cooloff():
     now = [100.0]
     fail = [True]

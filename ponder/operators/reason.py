@@ -83,7 +83,9 @@ class Reasoner:
                 cached += u.cached_prompt_tokens
                 completion_tokens += u.completion_tokens
                 estimated = estimated or u.estimated
-                cost += u.cost_usd or (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0
+                cost += u.cost_usd or (
+                    spec.price.cost(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens) if spec.price
+                    else (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0)
             if comp is not None and comp.error:
                 errors.append(f"{tier}: {comp.error}"[:300])
                 comp = None
@@ -93,6 +95,8 @@ class Reasoner:
                     break
                 router.failed(tier)
                 degraded = True
+                if best is not None:
+                    break  # a lower tier's valid answer stands: better than falling to reflex
                 tier = router.down(tier, tried, skipped=skipped)
                 repair = ""
                 continue
@@ -105,6 +109,9 @@ class Reasoner:
                     continue
                 repair = ""
                 nxt = router.up(tier, tried, need, skipped)
+                if nxt is None and best is not None:
+                    degraded = True  # the climb for a confident answer failed
+                    break  # climbed from a valid, unconfident answer to garbage: keep the answer
                 if nxt is None:
                     degraded = True
                     nxt = router.down(tier, tried, skipped=skipped) if tier != "reflex" else None
@@ -113,13 +120,14 @@ class Reasoner:
                 tier = nxt
                 continue
             repair = ""
+            # the most confident valid answer so far (the higher tier's on a tie)
+            if best is None or answer.confidence >= best[0].confidence:
+                best = (answer, tier, comp.model)
             if answer.confidence < spec.min_confidence:
-                best = best or (answer, tier, comp.model)
                 nxt = router.up(tier, tried, need, skipped)
                 if nxt is not None:
                     tier = nxt
                     continue
-            best = (answer, tier, comp.model)
             break
         if best is None:
             # every tier failed or answered garbage: a fixed, schema-valid fallback

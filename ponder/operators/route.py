@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ponder.inference.servers import ServerProfile
+from ponder.operators.price import Price
 
 __all__ = ["TierSpec", "Router", "TIER_ORDER", "SKIP_OPEN", "SKIP_PROBING", "SKIP_BUDGET"]
 
@@ -61,6 +62,9 @@ class TierSpec:
         (inference/servers.py), e.g. a built-in one with `max_requests` or `extra_body` replaced.
     :param extra_body: fields added to every request body of an http(s) engine.
     :param stall_s: for a streamed http(s) answer, the longest silence once it has started.
+    :param price: what its tokens cost (operators/price.py); a decision's `usage.cost_usd` is
+        computed from it exactly, cached prompt tokens at the cached price. Without one, the
+        flat `cost_per_1k_tokens` applies to every token.
     """
 
     name: str
@@ -77,6 +81,7 @@ class TierSpec:
     failures: int = 3
     cooloff_s: float = 30.0
     cost_per_1k_tokens: float = 0.0
+    price: Price | None = None
     server: str | ServerProfile = "auto"
     extra_body: Mapping[str, Any] | None = None
     stall_s: float | None = None
