@@ -95,6 +95,9 @@ class Trace(msgspec.Struct, frozen=True):
     spans: list[Span] = []
     errors: list[str] = []
     skipped: list[str] = []  # tiers passed over without a call, and why: "edge: breaker open"
+    # the usage and cost forecast before the model calls were made (operators/forecast.py),
+    # summed over the calls; beside `Decision.usage` it shows how good the forecast was
+    predicted: Usage | None = None
 
 
 class Decision(msgspec.Struct, frozen=True):

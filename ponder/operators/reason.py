@@ -7,7 +7,7 @@ operator stays free of runtime imports and can run inside another stream process
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import msgspec
@@ -15,6 +15,7 @@ import msgspec
 from ponder.inference.engine import Completion, Request
 from ponder.operators import context as ctx
 from ponder.operators.decide import parse_answer
+from ponder.operators.forecast import Forecast
 from ponder.operators.gate import Verdict
 from ponder.operators.route import Router
 from ponder.types import Decision, Event, Span, Trace, Usage, answer_schema, decision_id
@@ -33,6 +34,7 @@ class Reasoner:
     router: Router
     fallback_action: str
     clock: Callable[[], float] = time.perf_counter
+    forecast: Forecast = field(default_factory=Forecast)
 
     def __post_init__(self) -> None:
         self.schema = answer_schema(self.actions)
@@ -44,6 +46,13 @@ class Reasoner:
         return Request(event.key, p.prefix, p.tail, spec.max_tokens, self.actions, self.schema,
                        tuple(verdict.findings), verdict.score,
                        decision_id(event.key, event.source))
+
+    @staticmethod
+    def _cost(spec, u: Usage) -> float:
+        """USD for a usage at a tier: its price, else the flat per-1k rate."""
+        if spec.price:
+            return spec.price.cost(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens)
+        return (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0
 
     async def decide(self, st: ctx.ContextState, event: Event, verdict: Verdict, call: Call) -> Decision:
         """Walk the tiers until one gives a valid, confident enough answer."""
@@ -60,6 +69,7 @@ class Reasoner:
         prompt_tokens = cached = completion_tokens = 0
         cost = 0.0
         estimated = False
+        predicted = [0, 0, 0, 0.0]  # prompt, cached, completion tokens and USD, before each call
         best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
         repair = ""  # set to ask the same tier again after an answer its server did not constrain
         while True:
@@ -69,6 +79,12 @@ class Reasoner:
             req = self.request(st, event, verdict, tier)
             if repair:
                 req = msgspec.structs.replace(req, tail=req.tail + repair)
+            if tier != "reflex":
+                p = self.forecast.predict(tier, req.prefix, req.tail, event.key)
+                predicted[0] += p.prompt_tokens
+                predicted[1] += p.cached_prompt_tokens
+                predicted[2] += p.completion_tokens
+                predicted[3] += self._cost(spec, p)
             s0 = self.clock()
             try:
                 comp = await call(tier, req)
@@ -83,9 +99,9 @@ class Reasoner:
                 cached += u.cached_prompt_tokens
                 completion_tokens += u.completion_tokens
                 estimated = estimated or u.estimated
-                cost += u.cost_usd or (
-                    spec.price.cost(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens) if spec.price
-                    else (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0)
+                cost += u.cost_usd or self._cost(spec, u)
+                if tier != "reflex":
+                    self.forecast.observe(tier, req.prefix, req.tail, u, event.key)
             if comp is not None and comp.error:
                 errors.append(f"{tier}: {comp.error}"[:300])
                 comp = None
@@ -153,6 +169,8 @@ class Reasoner:
             evidence=evidence,
             ts=event.ts,
             source=event.source,
-            trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped),
+            trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped,
+                        Usage(predicted[0], predicted[1], predicted[2], round(predicted[3], 8))
+                        if predicted[0] else None),
             headers=event.headers,
         )
