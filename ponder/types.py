@@ -47,14 +47,29 @@ class SourcePos(msgspec.Struct, frozen=True, array_like=True):
         return f"{at}#{self.epoch}" if self.epoch else at
 
 
+TENANT_SEP = "\x1f"  # between tenant and key in a tenant-scoped stream key (never in a tenant)
+DEFAULT_TENANT = "default"
+
+
 class Event(msgspec.Struct, frozen=True):
-    """One decoded input record of one key."""
+    """One decoded input record of one key.
+
+    With tenants (`Pipeline(tenant=…)`), `key` is tenant-scoped, `tenant + TENANT_SEP + key`,
+    so one tenant's key never shares state, context or decision ids with another's that has
+    the same name; `tenant` is then set ("" when the pipeline has no tenants).
+    """
 
     key: str
     ts: float
     payload: dict[str, Any]
     source: SourcePos
     headers: dict[str, str] = {}
+    tenant: str = ""
+
+    @property
+    def stream_key(self) -> str:
+        """The key as the event carried it (without its tenant)."""
+        return self.key[len(self.tenant) + 1 :] if self.tenant else self.key
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -117,6 +132,7 @@ class Decision(msgspec.Struct, frozen=True):
     source: SourcePos | None = None
     trace: Trace | None = None
     headers: dict[str, str] = {}
+    tenant: str = DEFAULT_TENANT
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

@@ -18,7 +18,7 @@ from ponder.operators.decide import parse_answer
 from ponder.operators.forecast import Forecast
 from ponder.operators.gate import Verdict
 from ponder.operators.route import Router
-from ponder.types import Decision, Event, Span, Trace, Usage, answer_schema, decision_id
+from ponder.types import DEFAULT_TENANT, Decision, Event, Span, Trace, Usage, answer_schema, decision_id
 
 __all__ = ["Reasoner", "Call"]
 
@@ -156,7 +156,8 @@ class Reasoner:
         evidence = {f.field: f.value for f in verdict.findings[:8] if f.value is not None}
         return Decision(
             decision_id=decision_id(event.key, event.source),
-            key=event.key,
+            key=event.stream_key,
+            tenant=event.tenant or DEFAULT_TENANT,
             action=action,
             severity=severity,
             reason=reason,

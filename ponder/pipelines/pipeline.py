@@ -50,6 +50,9 @@ class Pipeline:
         (a worker's RocksDB; for file runs a temporary RocksDB once the bound is passed).
     :param max_skew_s: how far past the clock an event time may lie before the event is a dead
         letter (None: only times before 1970 or from the year 10000 on are).
+    :param tenant: event field holding the tenant (or `header:NAME`, a Kafka header); None:
+        one tenant, "default". Keys are scoped by tenant: two tenants' keys of the same name
+        never share state or context. Decisions carry `tenant`.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Pipeline:
     max_inflight: int = 4096
     max_hot_keys: int = 100_000
     max_skew_s: float | None = 86_400.0
+    tenant: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +84,8 @@ class Pipeline:
             bad("name must be non-empty letters, digits, '-' or '_'")
         if not self.key:
             bad("key field must be named")
+        if self.tenant is not None and (not self.tenant or self.tenant in (self.key, self.time, "header:")):
+            bad(f"tenant must name an event field other than the key and time, or header:NAME; got {self.tenant!r}")
         if not self.actions or len(set(self.actions)) != len(self.actions):
             bad(f"actions must be non-empty and unique, got {self.actions!r}")
         for r in self.reflex:
@@ -112,7 +118,7 @@ class Pipeline:
                     max_batch=t.max_batch, max_concurrency=t.max_concurrency, timeout_s=t.timeout_s,
                     server=t.server, extra_body=t.extra_body, stall_s=t.stall_s)
         # the router's clock is monotonic; event times are checked against the wall clock
-        decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s)
+        decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s, tenant=self.tenant)
         return logic, decoder, built
 
     def worker(self, source, sink, *, engines: dict[str, Engine] | None = None, store=None,

@@ -31,12 +31,13 @@ from typing import Any, Callable
 import msgspec
 
 from ponder.connectors.base import Record
-from ponder.types import DeadLetter, Event
+from ponder.types import TENANT_SEP, DeadLetter, Event
 
 __all__ = ["Decoder", "MAX_DEPTH", "MAX_KEY", "MAX_TS"]
 
 MAX_DEPTH = 32  # levels of arrays/objects in a record, its own object included
 MAX_KEY = 1024  # characters of a stream key: every state write and lookup carries it
+MAX_TENANT = 128  # characters of a tenant name: it labels metrics and ledgers
 MAX_TS = 253402300800.0  # 10000-01-01T00:00:00Z: past any date ISO-8601 (and gmtime) can show
 
 _RAW_LIMIT = 2000
@@ -134,14 +135,20 @@ class Decoder:
     :param max_skew_s: how far ahead of `now` an event time may be; later ones are dead
         letters (a producer with a broken clock, milliseconds sent as microseconds). None
         leaves only the fixed bounds: no time before 1970, none from the year 10000 on.
+    :param tenant: payload field holding the tenant, or `header:NAME` for a record header;
+        None: one tenant. With tenants the event's key is tenant-scoped (types.Event), and a
+        record without a usable tenant is a dead letter: its cost could not be attributed.
     """
 
     def __init__(self, key: str, time: str | None = "ts", schema: type | None = None,
-                 now: Callable[[], float] = time.time, max_skew_s: float | None = 86400.0) -> None:
+                 now: Callable[[], float] = time.time, max_skew_s: float | None = 86400.0,
+                 tenant: str | None = None) -> None:
         if max_skew_s is not None and not 0.0 <= max_skew_s < math.inf:
             msg = f"Decoder: max_skew_s must be None or a finite number >= 0, got {max_skew_s!r}"
             raise ValueError(msg)
         self.key = key
+        self.tenant = tenant
+        self._tenant_header = tenant[len("header:") :] if tenant and tenant.startswith("header:") else None
         self.time = time
         self.schema = schema
         self.max_skew_s = max_skew_s
@@ -204,7 +211,22 @@ class Decoder:
                     msg = f"field {name!r}: integer beyond the float range (±{_FLOAT_MAX:.2g})"
                     raise _Invalid(msg)
                 obj[name] = float(x)
-        return Event(key, ts, obj, rec.source, rec.headers)
+        if self.tenant is None:
+            return Event(key, ts, obj, rec.source, rec.headers)
+        tenant = self._tenant_of(obj, rec)
+        return Event(tenant + TENANT_SEP + key, ts, obj, rec.source, rec.headers, tenant)
+
+    def _tenant_of(self, obj: dict[str, Any], rec: Record) -> str:
+        where = f"header {self._tenant_header!r}" if self._tenant_header else f"tenant field {self.tenant!r}"
+        t = rec.headers.get(self._tenant_header) if self._tenant_header else obj.pop(self.tenant, None)
+        if t is None or isinstance(t, (dict, list, bool, float)) or t == "":
+            why = "missing" if t is None else f"not a usable tenant: {t!r}"
+            raise _Invalid(f"{where} {why}"[:300])
+        t = str(t)
+        if len(t) > MAX_TENANT or TENANT_SEP in t:
+            msg = f"{where}: a tenant is at most {MAX_TENANT} characters without \\x1f, got {t[:40]!r}"
+            raise _Invalid(msg)
+        return t
 
     def _bounded(self, t: float, v: Any) -> float:
         if t < 0.0:
