@@ -7,6 +7,7 @@ Define a Pipeline (what to watch, when to think, what may be done) and run it wi
 from ponder.connectors.files import CsvSink, CsvSource, JsonlSink, JsonlSource, NabSource
 from ponder.connectors.memory import MemorySink, MemorySource
 from ponder.inference.reflex import ReflexEngine, ReflexRule
+from ponder.operators.budget import Budget
 from ponder.operators.context import ContextPolicy
 from ponder.operators.gate import GatePolicy, Rule
 from ponder.operators.price import Price
@@ -15,7 +16,7 @@ from ponder.pipelines.pipeline import Pipeline, load_pipeline
 from ponder.types import DeadLetter, Decision, Event, SourcePos, Usage
 
 __all__ = [
-    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "ReflexRule",
+    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "Budget", "ReflexRule",
     "ReflexEngine", "JsonlSource", "JsonlSink", "CsvSource", "CsvSink", "NabSource", "MemorySource",
     "MemorySink", "Event", "Decision", "DeadLetter", "SourcePos", "Usage",
 ]

@@ -21,6 +21,7 @@ a decision's trace records beside the actual usage, so the error can be measured
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -71,6 +72,15 @@ class Forecast:
                 cached_chars = max(prefix.find(_DATA), 0)  # compacted: only the header survives
         cached = min(prompt, round(cached_chars / t.chars_per_token))
         return Usage(prompt, cached, round(t.completion) if t.calls else 0)
+
+    def bound(self, tier: str, prefix: str, tail: str, max_tokens: int) -> Usage:
+        """The most a call will likely use, for reservations: the prompt forecast with a 10%
+        margin and no cache credit (one token per character until the tier's ratio is learnt:
+        a byte-level BPE never spends more on ASCII), and the whole completion budget."""
+        t = self._tier(tier)
+        chars = len(prefix) + len(tail)
+        prompt = chars if not t.calls else math.ceil(chars / t.chars_per_token * 1.1) + 8
+        return Usage(prompt, 0, max_tokens)
 
     def observe(self, tier: str, prefix: str, tail: str, usage: Usage, key: str = "") -> None:
         """Learn from a call's actual usage (a failed call that used nothing teaches nothing)."""

@@ -12,8 +12,9 @@ from typing import Awaitable, Callable
 
 import msgspec
 
-from ponder.inference.engine import Completion, Request
+from ponder.inference.engine import Completion, Request, answer_token_bound
 from ponder.operators import context as ctx
+from ponder.operators.budget import Budgets, Hold
 from ponder.operators.decide import parse_answer
 from ponder.operators.forecast import Forecast
 from ponder.operators.gate import Verdict
@@ -35,6 +36,7 @@ class Reasoner:
     fallback_action: str
     clock: Callable[[], float] = time.perf_counter
     forecast: Forecast = field(default_factory=Forecast)
+    budgets: Budgets = field(default_factory=Budgets)
 
     def __post_init__(self) -> None:
         self.schema = answer_schema(self.actions)
@@ -60,7 +62,23 @@ class Reasoner:
         router = self.router
         need = self.policy.token_budget
         skipped: list[str] = []  # tiers passed over without a call, and why
-        tier = router.first(verdict.score, need, skipped)
+        holds: dict[str, Hold] = {}  # a budget reservation per tier handed out, until its call ends
+        tenant = event.tenant or DEFAULT_TENANT
+
+        def claim(spec) -> str | None:
+            if spec.name == "reflex" or not self.budgets:
+                return None
+            req = self.request(st, event, verdict, spec.name)
+            worst = self.forecast.bound(spec.name, req.prefix, req.tail,
+                                        req.max_tokens or answer_token_bound(self.schema))
+            hold, why = self.budgets.reserve(
+                tenant, spec.name, tokens=worst.prompt_tokens + worst.completion_tokens,
+                usd=self._cost(spec, worst), score=verdict.score, min_score=spec.min_score)
+            if hold is not None:
+                holds[spec.name] = hold
+            return why
+
+        tier = router.first(verdict.score, need, skipped, claim)
         degraded = tier != router.wanted(verdict.score)
         tried: set[str] = set()
         route: list[str] = []
@@ -72,79 +90,87 @@ class Reasoner:
         predicted = [0, 0, 0, 0.0]  # prompt, cached, completion tokens and USD, before each call
         best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
         repair = ""  # set to ask the same tier again after an answer its server did not constrain
-        while True:
-            tried.add(tier)
-            route.append(tier)
-            spec = router.by_name[tier]
-            req = self.request(st, event, verdict, tier)
-            if repair:
-                req = msgspec.structs.replace(req, tail=req.tail + repair)
-            if tier != "reflex":
-                p = self.forecast.predict(tier, req.prefix, req.tail, event.key)
-                predicted[0] += p.prompt_tokens
-                predicted[1] += p.cached_prompt_tokens
-                predicted[2] += p.completion_tokens
-                predicted[3] += self._cost(spec, p)
-            s0 = self.clock()
-            try:
-                comp = await call(tier, req)
-            except Exception as e:  # noqa: BLE001 - any backend failure downgrades
-                comp = None
-                errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
-            spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
-            if comp is not None:
-                # every attempt is paid for, failed ones too
-                u = comp.usage
-                prompt_tokens += u.prompt_tokens
-                cached += u.cached_prompt_tokens
-                completion_tokens += u.completion_tokens
-                estimated = estimated or u.estimated
-                cost += u.cost_usd or self._cost(spec, u)
+        try:
+            while True:
+                tried.add(tier)
+                route.append(tier)
+                spec = router.by_name[tier]
+                req = self.request(st, event, verdict, tier)
+                if repair:
+                    req = msgspec.structs.replace(req, tail=req.tail + repair)
                 if tier != "reflex":
-                    self.forecast.observe(tier, req.prefix, req.tail, u, event.key)
-            if comp is not None and comp.error:
-                errors.append(f"{tier}: {comp.error}"[:300])
-                comp = None
-            if comp is None:
-                if tier == "reflex":
-                    answer = None
-                    break
-                router.failed(tier)
-                degraded = True
-                if best is not None:
-                    break  # a lower tier's valid answer stands: better than falling to reflex
-                tier = router.down(tier, tried, skipped=skipped)
-                repair = ""
-                continue
-            router.succeeded(tier, comp.usage.prompt_tokens + comp.usage.completion_tokens)
-            answer, err = parse_answer(comp.text, self.actions)
-            if answer is None:
-                errors.append(f"{tier}: {err}"[:300])
-                if not comp.enforced and not repair:
-                    repair = ctx.repair_note(err or "")  # once per tier
-                    continue
-                repair = ""
-                nxt = router.up(tier, tried, need, skipped)
-                if nxt is None and best is not None:
-                    degraded = True  # the climb for a confident answer failed
-                    break  # climbed from a valid, unconfident answer to garbage: keep the answer
-                if nxt is None:
+                    p = self.forecast.predict(tier, req.prefix, req.tail, event.key)
+                    predicted[0] += p.prompt_tokens
+                    predicted[1] += p.cached_prompt_tokens
+                    predicted[2] += p.completion_tokens
+                    predicted[3] += self._cost(spec, p)
+                s0 = self.clock()
+                try:
+                    comp = await call(tier, req)
+                except Exception as e:  # noqa: BLE001 - any backend failure downgrades
+                    comp = None
+                    errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
+                spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
+                if comp is not None:
+                    # every attempt is paid for, failed ones too
+                    u = comp.usage
+                    prompt_tokens += u.prompt_tokens
+                    cached += u.cached_prompt_tokens
+                    completion_tokens += u.completion_tokens
+                    estimated = estimated or u.estimated
+                    cost += u.cost_usd or self._cost(spec, u)
+                    if tier != "reflex":
+                        self.forecast.observe(tier, req.prefix, req.tail, u, event.key)
+                if tier in holds:  # settled with what the call cost, nothing if it failed unused
+                    u = comp.usage if comp is not None else Usage()
+                    self.budgets.settle(holds.pop(tier), usd=u.cost_usd or self._cost(spec, u),
+                                        tokens=u.prompt_tokens + u.completion_tokens)
+                if comp is not None and comp.error:
+                    errors.append(f"{tier}: {comp.error}"[:300])
+                    comp = None
+                if comp is None:
+                    if tier == "reflex":
+                        answer = None
+                        break
+                    router.failed(tier)
                     degraded = True
-                    nxt = router.down(tier, tried, skipped=skipped) if tier != "reflex" else None
-                if nxt is None or nxt in tried:
-                    break
-                tier = nxt
-                continue
-            repair = ""
-            # the most confident valid answer so far (the higher tier's on a tie)
-            if best is None or answer.confidence >= best[0].confidence:
-                best = (answer, tier, comp.model)
-            if answer.confidence < spec.min_confidence:
-                nxt = router.up(tier, tried, need, skipped)
-                if nxt is not None:
+                    if best is not None:
+                        break  # a lower tier's valid answer stands: better than falling to reflex
+                    tier = router.down(tier, tried, skipped=skipped, claim=claim)
+                    repair = ""
+                    continue
+                router.succeeded(tier, comp.usage.prompt_tokens + comp.usage.completion_tokens)
+                answer, err = parse_answer(comp.text, self.actions)
+                if answer is None:
+                    errors.append(f"{tier}: {err}"[:300])
+                    if not comp.enforced and not repair and claim(spec) is None:
+                        repair = ctx.repair_note(err or "")  # once per tier, if the budget allows
+                        continue
+                    repair = ""
+                    nxt = router.up(tier, tried, need, skipped, claim)
+                    if nxt is None and best is not None:
+                        degraded = True  # the climb for a confident answer failed
+                        break  # climbed from a valid, unconfident answer to garbage: keep the answer
+                    if nxt is None:
+                        degraded = True
+                        nxt = router.down(tier, tried, skipped=skipped, claim=claim) if tier != "reflex" else None
+                    if nxt is None or nxt in tried:
+                        break
                     tier = nxt
                     continue
-            break
+                repair = ""
+                # the most confident valid answer so far (the higher tier's on a tie)
+                if best is None or answer.confidence >= best[0].confidence:
+                    best = (answer, tier, comp.model)
+                if answer.confidence < spec.min_confidence:
+                    nxt = router.up(tier, tried, need, skipped, claim)
+                    if nxt is not None:
+                        tier = nxt
+                        continue
+                break
+        finally:
+            for hold in holds.values():  # cancelled mid-call: release what it reserved
+                self.budgets.settle(hold, usd=0.0, tokens=0)
         if best is None:
             # every tier failed or answered garbage: a fixed, schema-valid fallback
             action, severity, reason, confidence, tier_used, model = (

@@ -98,6 +98,9 @@ class TierSpec:
             raise ValueError(msg)
 
 
+# asked last before a tier is handed out: None to take it (its cost now reserved), else why not
+Claim = Callable[["TierSpec"], "str | None"]
+
 # why a tier was skipped, as written to a decision's trace
 SKIP_OPEN = "breaker open"
 SKIP_PROBING = "half-open probe in flight"
@@ -158,9 +161,10 @@ class Router:
             return SKIP_PROBING
         return None
 
-    def _available(self, spec: TierSpec, need: int, skipped: list[str] | None) -> bool:
+    def _available(self, spec: TierSpec, need: int, skipped: list[str] | None, claim: Claim | None = None) -> bool:
         """Whether the tier can take a call now; if so the caller must make it (and report its
-        outcome): in half-open state this claims the one probe slot."""
+        outcome): in half-open state this claims the one probe slot. `claim` is asked last
+        (it reserves the call's cost against the budgets, or says why it cannot)."""
         if spec.name == "reflex":
             return True
         st = self._state[spec.name]
@@ -172,6 +176,8 @@ class Router:
             st.stamp = now
             if st.tokens < need:
                 why = SKIP_BUDGET
+        if why is None and claim is not None:
+            why = claim(spec)
         if why is not None:
             entry = f"{spec.name}: {why}"
             if skipped is not None and entry not in skipped:
@@ -182,10 +188,10 @@ class Router:
             st.probes += 1
         return True
 
-    def first(self, score: float, need: int = 0, skipped: list[str] | None = None) -> str:
+    def first(self, score: float, need: int = 0, skipped: list[str] | None = None, claim: Claim | None = None) -> str:
         """The tier to start at: the highest one the score reaches and that is available."""
         for spec in reversed(self.tiers):
-            if score >= spec.min_score and self._available(spec, need, skipped):
+            if score >= spec.min_score and self._available(spec, need, skipped, claim):
                 return spec.name
         return "reflex"
 
@@ -196,21 +202,23 @@ class Router:
                 return spec.name
         return "reflex"
 
-    def up(self, tier: str, tried: set[str], need: int = 0, skipped: list[str] | None = None) -> str | None:
+    def up(self, tier: str, tried: set[str], need: int = 0, skipped: list[str] | None = None,
+           claim: Claim | None = None) -> str | None:
         """Next tier above `tier` that is available and not yet tried."""
         i = TIER_ORDER.index(tier)
         for spec in self.tiers:
             if TIER_ORDER.index(spec.name) > i and spec.name not in tried \
-                    and self._available(spec, need, skipped):
+                    and self._available(spec, need, skipped, claim):
                 return spec.name
         return None
 
-    def down(self, tier: str, tried: set[str], need: int = 0, skipped: list[str] | None = None) -> str:
+    def down(self, tier: str, tried: set[str], need: int = 0, skipped: list[str] | None = None,
+             claim: Claim | None = None) -> str:
         """Next tier below `tier` that is available and not yet tried; reflex at the bottom."""
         i = TIER_ORDER.index(tier)
         for spec in reversed(self.tiers):
             if TIER_ORDER.index(spec.name) < i and spec.name not in tried \
-                    and self._available(spec, need, skipped):
+                    and self._available(spec, need, skipped, claim):
                 return spec.name
         return "reflex"
 

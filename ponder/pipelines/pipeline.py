@@ -19,6 +19,7 @@ from typing import Callable
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexRule
 from ponder.inference.registry import build_engine
+from ponder.operators.budget import Budget, Budgets
 from ponder.operators.context import ContextPolicy
 from ponder.operators.gate import GatePolicy
 from ponder.operators.keyed import KeyLogic
@@ -53,6 +54,8 @@ class Pipeline:
     :param tenant: event field holding the tenant (or `header:NAME`, a Kafka header); None:
         one tenant, "default". Keys are scoped by tenant: two tenants' keys of the same name
         never share state or context. Decisions carry `tenant`.
+    :param budgets: caps on spend per tenant and tier (operators/budget.py): a call's worst
+        case is reserved before it is sent, settled with its actual cost after.
     """
 
     name: str
@@ -72,6 +75,7 @@ class Pipeline:
     max_hot_keys: int = 100_000
     max_skew_s: float | None = 86_400.0
     tenant: str | None = None
+    budgets: tuple[Budget, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,7 +113,8 @@ class Pipeline:
         """The runnable parts: per-key logic, decoder and one engine per tier."""
         router = Router(self.tiers, clock=clock) if clock else Router(self.tiers)
         policy = self.context_policy()
-        logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0]))
+        logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0],
+                                                     budgets=Budgets(self.budgets)))
         built = dict(engines or {})
         for t in self.tiers:
             if t.name not in built:

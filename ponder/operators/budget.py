@@ -1,0 +1,168 @@
+"""Budgets: caps on what reasoning may spend, per tenant and tier, per minute, hour or day.
+
+A call is let through only after its cost is *reserved* against every budget that covers its
+tenant and tier; the reservation is settled with the actual cost when the call ends and
+released when it fails (a failed call's actual usage, if any, still counts). What is reserved
+is the call's worst case, not its forecast: the prompt forecast plus a margin with no cache
+credit, and the whole completion budget. So a cap is exceeded only if the prompt forecast is
+off by more than the margin, and a storm of concurrent escalations cannot overrun it: each
+reservation is taken in one synchronous step on the event loop, before the call is sent.
+
+Past `soft` of a cap, spending is paced: if the budget is being used faster than its window
+passes, only events whose gate score is high enough keep the tier, the bar rising from the
+tier's `min_score` at `soft` to 1.0 at the cap, so the budget lasts its window. A refused tier
+is skipped (the router downgrades, and the decision's trace says which budget and why).
+
+Windows are aligned to the wall clock (each minute, hour or day starts at a multiple of its
+length since the epoch), so every worker of a group agrees on them. The caps hold per process:
+a group of N workers shares nothing yet, so each may spend a cap (see README, "Budgets").
+
+>>> b = Budgets((Budget(tier="cloud", usd=1.0, per="1h"),), clock=lambda: 0.0)
+>>> hold, why = b.reserve("acme", "cloud", tokens=1_000, usd=0.6, score=0.9, min_score=0.5)
+>>> b.reserve("acme", "cloud", tokens=1_000, usd=0.6, score=0.9, min_score=0.5)[1]
+'budget tier=cloud: $0.6 more would pass its cap of $1 per 1h ($0 spent, $0.6 reserved)'
+>>> b.settle(hold, usd=0.25, tokens=800); b.state()[0]["spent_usd"]
+0.25
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import msgspec
+
+__all__ = ["Budget", "Budgets", "Hold"]
+
+_PERIOD_S = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0}
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True):
+    """A cap on USD and/or tokens for the calls of `tenant` ("*": all) at `tier` ("*": all),
+    per window of `per`."""
+
+    tenant: str = "*"
+    tier: str = "*"
+    usd: float | None = None
+    tokens: int | None = None
+    per: Literal["1m", "1h", "1d"] = "1h"
+    soft: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.usd is None and self.tokens is None:
+            raise ValueError("Budget needs a cap: usd= and/or tokens=")
+        if (self.usd is not None and not self.usd >= 0) or (self.tokens is not None and self.tokens < 0):
+            raise ValueError(f"Budget caps must be >= 0, got usd={self.usd!r} tokens={self.tokens!r}")
+        if self.per not in _PERIOD_S:
+            raise ValueError(f"Budget.per must be one of {sorted(_PERIOD_S)}, got {self.per!r}")
+        if not 0.0 < self.soft <= 1.0:
+            raise ValueError(f"Budget.soft must be in (0, 1], got {self.soft!r}")
+
+    def covers(self, tenant: str, tier: str) -> bool:
+        return self.tenant in ("*", tenant) and self.tier in ("*", tier)
+
+    @property
+    def name(self) -> str:
+        parts = [f"tenant={self.tenant}" if self.tenant != "*" else "", f"tier={self.tier}" if self.tier != "*" else ""]
+        return "budget " + (" ".join(p for p in parts if p) or "*")
+
+
+@dataclass
+class _Window:
+    start: float = 0.0
+    spent_usd: float = 0.0
+    spent_tokens: int = 0
+    reserved_usd: float = 0.0
+    reserved_tokens: int = 0
+
+
+@dataclass
+class Hold:
+    """One call's reservation: settle it exactly once."""
+
+    windows: list[_Window]
+    usd: float
+    tokens: int
+    settled: bool = field(default=False)
+
+
+class Budgets:
+    """The budgets of one pipeline, with their current windows."""
+
+    def __init__(self, budgets: tuple[Budget, ...] = (), *, clock: Callable[[], float] = time.time) -> None:
+        self.budgets = tuple(budgets)
+        self._clock = clock
+        self._windows = [_Window() for _ in self.budgets]
+        self._roll()
+
+    def __bool__(self) -> bool:
+        return bool(self.budgets)
+
+    def _roll(self) -> float:
+        now = self._clock()
+        for b, w in zip(self.budgets, self._windows):
+            start = math.floor(now / _PERIOD_S[b.per]) * _PERIOD_S[b.per]
+            if start != w.start:
+                # a new window: nothing spent yet; calls in flight keep their reservations
+                w.start, w.spent_usd, w.spent_tokens = start, 0.0, 0
+        return now
+
+    def reserve(self, tenant: str, tier: str, *, tokens: int, usd: float, score: float,
+                min_score: float) -> tuple[Hold | None, str | None]:
+        """Reserve a call's worst case against every budget covering it: (hold, None), or
+        (None, why) when one would pass its cap or is pacing this event out."""
+        now = self._roll()
+        covering = [(b, w) for b, w in zip(self.budgets, self._windows) if b.covers(tenant, tier)]
+        for b, w in covering:
+            why = self._refusal(b, w, tokens, usd, score, min_score, now)
+            if why is not None:
+                return None, why
+        for _, w in covering:
+            w.reserved_usd += usd
+            w.reserved_tokens += tokens
+        return Hold([w for _, w in covering], usd, tokens), None
+
+    @staticmethod
+    def _refusal(b: Budget, w: _Window, tokens: int, usd: float, score: float, min_score: float,
+                 now: float) -> str | None:
+        used = 0.0
+        if b.usd is not None:
+            if w.spent_usd + w.reserved_usd + usd > b.usd:
+                return (f"{b.name}: ${usd:.4g} more would pass its cap of ${b.usd:g} per {b.per} "
+                        f"(${w.spent_usd:.4g} spent, ${w.reserved_usd:.4g} reserved)")
+            used = max(used, (w.spent_usd + w.reserved_usd) / b.usd if b.usd else 1.0)
+        if b.tokens is not None:
+            if w.spent_tokens + w.reserved_tokens + tokens > b.tokens:
+                return (f"{b.name}: {tokens} more tokens would pass its cap of {b.tokens} per {b.per} "
+                        f"({w.spent_tokens} spent, {w.reserved_tokens} reserved)")
+            used = max(used, (w.spent_tokens + w.reserved_tokens) / b.tokens if b.tokens else 1.0)
+        elapsed = (now - w.start) / _PERIOD_S[b.per]
+        if used >= b.soft and used > elapsed and b.soft < 1.0:
+            bar = min_score + (1.0 - min_score) * (used - b.soft) / (1.0 - b.soft)
+            if score < bar:
+                return (f"{b.name}: pacing, {used:.0%} used {elapsed:.0%} into its {b.per}: "
+                        f"score {score:.2f} < {bar:.2f}")
+        return None
+
+    def settle(self, hold: Hold, *, usd: float, tokens: int) -> None:
+        """Replace a hold's reservation by what the call actually cost (0 if it used nothing)."""
+        if hold.settled:
+            return
+        hold.settled = True
+        self._roll()
+        for w in hold.windows:
+            w.reserved_usd = max(0.0, w.reserved_usd - hold.usd)
+            w.reserved_tokens = max(0, w.reserved_tokens - hold.tokens)
+            w.spent_usd += usd
+            w.spent_tokens += tokens
+
+    def state(self) -> list[dict]:
+        """Each budget's cap and its current window, for ledgers and metrics."""
+        self._roll()
+        return [{"tenant": b.tenant, "tier": b.tier, "per": b.per, "cap_usd": b.usd, "cap_tokens": b.tokens,
+                 "window_start": w.start, "spent_usd": round(w.spent_usd, 10), "spent_tokens": w.spent_tokens,
+                 "reserved_usd": round(w.reserved_usd, 10), "reserved_tokens": w.reserved_tokens,
+                 "remaining_usd": None if b.usd is None else round(b.usd - w.spent_usd - w.reserved_usd, 10)}
+                for b, w in zip(self.budgets, self._windows)]

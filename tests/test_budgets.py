@@ -1,0 +1,127 @@
+"""Budgets that hold: a call's worst case is reserved before it is sent and settled with its
+actual cost, so a storm of concurrent escalations cannot pass a cap; reservations are released
+on failure and on timeout; per-tenant caps; pacing past `soft`; windows on the wall clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from ponder.connectors.memory import MemorySink, MemorySource
+from ponder.inference.engine import Completion, Request
+from ponder.operators.budget import Budget, Budgets
+from ponder.operators.gate import GatePolicy, Rule
+from ponder.operators.price import Price
+from ponder.operators.route import TierSpec
+from ponder.pipelines.pipeline import Pipeline
+from ponder.runtime.worker import Worker
+from ponder.types import Usage
+
+ANSWER = json.dumps({"action": "alert", "severity": "high", "reason": "r", "confidence": 0.9})
+PRICE = Price(prompt=1.0, cached_prompt=0.1, completion=2.0)
+USAGE = Usage(1_000, 200, 50)
+CALL_USD = (800 * 1.0 + 200 * 0.1 + 50 * 2.0) / 1e6  # 0.00092
+
+
+class Slow:
+    """An engine that takes `delay_s` per batch; `fail` makes it raise instead."""
+
+    name = "slow"
+
+    def __init__(self, delay_s: float = 0.02, fail: bool = False) -> None:
+        self.delay_s, self.fail, self.requests = delay_s, fail, 0
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    async def generate(self, requests: list[Request]) -> list[Completion]:
+        self.requests += len(requests)
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("backend down")
+        return [Completion(ANSWER, USAGE, "m") for _ in requests]
+
+
+def pipeline(budgets, tenant=None, timeout_s=30.0) -> Pipeline:
+    return Pipeline(name="b", key="k", time="ts", actions=("none", "alert"), tenant=tenant, budgets=budgets,
+                    gate=GatePolicy(fields=(), gap=(1e9, 2e9), rules=(Rule("flag", lambda e: True),)),
+                    tiers=(TierSpec("reflex", max_batch=1),
+                           TierSpec("edge", engine="reflex", min_score=0.5, max_batch=8, max_wait_ms=1.0,
+                                    price=PRICE, timeout_s=timeout_s)))
+
+
+async def run(pipe: Pipeline, items, edge) -> tuple[list, Budgets]:
+    logic, decoder, engines = pipe.build(engines={"edge": edge})
+    sink = MemorySink()
+    await Worker(logic, decoder, MemorySource(items), sink, engines, pipe.tiers).run()
+    return sink.decisions, logic.reasoner.budgets
+
+
+async def test_a_storm_of_escalations_never_passes_the_cap_and_the_books_balance():
+    cap = 0.02
+    items = [{"k": f"dev-{i}", "ts": 1.0} for i in range(300)]  # every key escalates at once
+    decisions, budgets = await run(pipeline((Budget(tier="edge", usd=cap, per="1d"),)), items, Slow())
+    edge = [d for d in decisions if d.tier == "edge"]
+    refused = [d for d in decisions if d.tier == "reflex"]
+    assert len(decisions) == 300 and edge and refused
+    spent = sum(d.usage.cost_usd for d in edge)
+    (state,) = budgets.state()
+    assert spent == pytest.approx(len(edge) * CALL_USD) and spent <= cap * 1.01
+    assert state["spent_usd"] == pytest.approx(spent, abs=1e-12) and state["reserved_usd"] == 0.0
+    assert state["spent_tokens"] == len(edge) * 1_050 and state["reserved_tokens"] == 0
+    for d in refused:  # downgraded, and the trace says by which budget
+        assert d.degraded and any(s.startswith("edge: budget tier=edge: $") and "per 1d" in s for s in d.trace.skipped)
+
+
+@pytest.mark.parametrize("how", ["fails", "times out"])
+async def test_reservations_are_released_when_a_call_fails_or_times_out(how):
+    edge = Slow(fail=True) if how == "fails" else Slow(delay_s=2.0)
+    pipe = pipeline((Budget(tier="edge", usd=1.0, per="1h"),), timeout_s=0.2)
+    decisions, budgets = await run(pipe, [{"k": f"d{i}", "ts": 1.0} for i in range(5)], edge)
+    (state,) = budgets.state()
+    assert edge.requests == 5 and all(d.tier == "reflex" and d.degraded for d in decisions)
+    assert (state["reserved_usd"], state["spent_usd"], state["reserved_tokens"]) == (0.0, 0.0, 0)
+
+
+async def test_a_tenants_cap_stops_that_tenant_only():
+    items = [{"k": "pump", "org": org, "ts": float(i)} for i in range(3) for org in ("acme", "globex")]
+    decisions, budgets = await run(pipeline((Budget(tenant="acme", usd=0.0),), tenant="org"), items, Slow())
+    tiers = {(d.tenant, d.tier) for d in decisions}
+    assert tiers == {("acme", "reflex"), ("globex", "edge")}
+    assert budgets.state()[0]["spent_usd"] == 0.0
+
+
+def test_pacing_past_soft_keeps_only_high_scores_while_spending_runs_ahead_of_the_window():
+    now = [3600.0 * 10]  # the start of an hour
+    b = Budgets((Budget(usd=1.0, per="1h", soft=0.8),), clock=lambda: now[0])
+    hold, _ = b.reserve("t", "cloud", tokens=1, usd=0.85, score=1.0, min_score=0.5)
+    b.settle(hold, usd=0.85, tokens=1)
+    now[0] += 360  # 10% into the hour, 85% spent: the bar is 0.5 + 0.5 * 0.05 / 0.2 = 0.625
+    low = b.reserve("t", "cloud", tokens=1, usd=0.01, score=0.6, min_score=0.5)
+    assert low[0] is None and low[1] == "budget *: pacing, 85% used 10% into its 1h: score 0.60 < 0.62"
+    high, why = b.reserve("t", "cloud", tokens=1, usd=0.01, score=0.7, min_score=0.5)
+    assert high is not None and why is None
+    b.settle(high, usd=0.0, tokens=0)
+    now[0] += 3000  # 93% into the hour: spending no longer runs ahead, no pacing
+    assert b.reserve("t", "cloud", tokens=1, usd=0.01, score=0.55, min_score=0.5)[1] is None
+
+
+def test_windows_follow_the_wall_clock_and_a_new_one_starts_empty():
+    now = [100.0]
+    b = Budgets((Budget(tokens=100, per="1m"),), clock=lambda: now[0])
+    hold, _ = b.reserve("t", "edge", tokens=90, usd=0.0, score=1, min_score=0)
+    b.settle(hold, usd=0.0, tokens=90)
+    assert b.reserve("t", "edge", tokens=20, usd=0.0, score=1, min_score=0)[1] == (
+        "budget *: 20 more tokens would pass its cap of 100 per 1m (90 spent, 0 reserved)")
+    now[0] = 120.0  # the minute starting at 120 s
+    assert b.reserve("t", "edge", tokens=20, usd=0.0, score=1, min_score=0)[1] is None
+    assert b.state()[0]["window_start"] == 120.0
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(ValueError, match="Budget needs a cap"):
+        Budget(tier="edge")
+    with pytest.raises(ValueError, match=r"Budget.soft must be in \(0, 1\]"):
+        Budget(usd=1.0, soft=0.0)
