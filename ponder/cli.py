@@ -37,7 +37,7 @@ def _source_for(path: str):
     return JsonlSource(p)
 
 
-def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None = None):
+def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None = None, ledger=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ponder.pipelines.pipeline import load_pipeline
@@ -48,7 +48,7 @@ def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None =
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     if not progress:
-        return _until_failed(lambda: pipe.worker(source, sink).run())
+        return _until_failed(lambda: pipe.worker(source, sink, ledger=ledger).run())
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
                   transient=False) as bar:
@@ -58,7 +58,7 @@ def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None =
             bar.update(task, completed=s.events,
                        info=f"esc={s.escalations} dec={s.decisions} dead={s.dead_letters}")
 
-        stats = _until_failed(lambda: pipe.worker(source, sink, progress=tick).run())
+        stats = _until_failed(lambda: pipe.worker(source, sink, progress=tick, ledger=ledger).run())
         tick(stats)  # the last batch's lanes drained after the last tick
     return stats
 
@@ -81,6 +81,7 @@ def run(
     output: str = typer.Option("-", "--output", "-o", help="decisions JSONL (- for stdout)"),
     dead_letters: Optional[str] = typer.Option(None, help="dead-letter JSONL [default: OUTPUT.dead.jsonl]"),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="show a progress bar"),
+    ledger: Optional[Path] = typer.Option(None, help="write the spend ledger (JSON) here at checkpoints"),
 ) -> None:
     """Run a pipeline over a file; decisions to OUTPUT, dead letters beside it."""
     from ponder.connectors.files import JsonlSink
@@ -91,7 +92,7 @@ def run(
     except typer.BadParameter as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    stats = _run_pipeline(pipeline, source, sink, progress=progress)
+    stats = _run_pipeline(pipeline, source, sink, progress=progress, ledger=ledger)
     print(stats.line() + (f" dead_letter_file={sink.dead_path}" if stats.dead_letters else ""),
           file=sys.stderr)
 
@@ -212,6 +213,7 @@ def worker(
     checkpoint_interval: float = typer.Option(2.0, help="seconds between checkpoints"),
     session_timeout_ms: int = typer.Option(10_000, help="consumer-group session timeout"),
     metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
+    ledger: Optional[Path] = typer.Option(None, help="write the spend ledger (JSON) here at checkpoints"),
 ) -> None:
     """Run a pipeline as a Kafka consumer-group worker until SIGTERM, then drain and commit."""
     import logging
@@ -231,7 +233,7 @@ def worker(
         pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
         output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
         checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms,
-        metrics_port=metrics_port))
+        metrics_port=metrics_port, ledger=ledger))
     print(stats.line(), file=sys.stderr)
 
 

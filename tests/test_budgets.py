@@ -125,3 +125,49 @@ def test_bad_budgets_are_refused():
         Budget(tier="edge")
     with pytest.raises(ValueError, match=r"Budget.soft must be in \(0, 1\]"):
         Budget(usd=1.0, soft=0.0)
+
+
+def test_ponder_run_writes_the_ledger_and_metrics_carry_tenant_and_tier(tmp_path, monkeypatch):
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from typer.testing import CliRunner
+
+    from ponder.cli import app
+    from ponder.runtime.metrics import WorkerCollector
+
+    (tmp_path / "ledger_pipe.py").write_text(
+        "from ponder import Budget, GatePolicy, Pipeline, Price, Rule, TierSpec\n"
+        "pipeline = Pipeline(name='l', key='k', time='ts', actions=('none', 'alert'), tenant='org',\n"
+        "    budgets=(Budget(tier='edge', usd=1.0, per='1d'),),\n"
+        "    gate=GatePolicy(fields=(), gap=(1e9, 2e9), rules=(Rule('flag', lambda e: True),)),\n"
+        "    tiers=(TierSpec('reflex', max_batch=1), TierSpec('edge', engine='reflex', min_score=0.5,\n"
+        "           max_batch=1, price=Price(prompt=1.0, completion=2.0))))\n")
+    events = tmp_path / "in.jsonl"
+    events.write_text("".join(json.dumps({"k": f"d{i}", "org": org, "ts": 1.0}) + "\n"
+                              for i in range(3) for org in ("acme", "globex")))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ledger = tmp_path / "ledger.json"
+    result = CliRunner().invoke(app, ["run", "ledger_pipe:pipeline", "--input", str(events), "--output",
+                                      str(tmp_path / "out.jsonl"), "--ledger", str(ledger)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(ledger.read_text())
+    rows = {(r["tenant"], r["tier"]): r for r in doc["spend"]}
+    assert set(rows) == {("acme", "edge"), ("globex", "edge")} and doc["pipeline"] == "l"
+    assert all(r["calls"] == 3 and r["reserved_usd"] == 0.0 for r in rows.values())
+    (budget,) = doc["budgets"]
+    assert budget["cap_usd"] == 1.0 and budget["reserved_usd"] == 0.0
+    assert budget["spent_usd"] == pytest.approx(sum(r["usd"] for r in rows.values()))
+    sys.modules.pop("ledger_pipe", None)
+    # the same figures as Prometheus families, labelled by tenant and tier (no key labels)
+    pipe = pipeline((Budget(tier="edge", usd=1.0),), tenant="org")
+    logic, decoder, engines = pipe.build(engines={"edge": Slow()})
+    w = Worker(logic, decoder, MemorySource([{"k": "a", "org": "acme", "ts": 1.0}]), MemorySink(), engines, pipe.tiers)
+    asyncio.run(w.run())
+    reg = CollectorRegistry()
+    reg.register(WorkerCollector(w, "b"))
+    text = generate_latest(reg).decode()
+    assert 'ponder_tier_calls_total{pipeline="b",tenant="acme",tier="edge"} 1.0' in text
+    assert f'ponder_tenant_cost_usd_total{{pipeline="b",tenant="acme",tier="edge"}} {CALL_USD}' in text
+    assert 'ponder_budget_remaining_usd{per="1h",pipeline="b",tenant="*",tier="edge"}' in text

@@ -17,6 +17,7 @@ from ponder.operators import context as ctx
 from ponder.operators.budget import Budgets, Hold
 from ponder.operators.decide import parse_answer
 from ponder.operators.forecast import Forecast
+from ponder.operators.spend import Spend
 from ponder.operators.gate import Verdict
 from ponder.operators.route import Router
 from ponder.types import DEFAULT_TENANT, Decision, Event, Span, Trace, Usage, answer_schema, decision_id
@@ -37,6 +38,7 @@ class Reasoner:
     clock: Callable[[], float] = time.perf_counter
     forecast: Forecast = field(default_factory=Forecast)
     budgets: Budgets = field(default_factory=Budgets)
+    spend: Spend = field(default_factory=Spend)
 
     def __post_init__(self) -> None:
         self.schema = answer_schema(self.actions)
@@ -76,6 +78,7 @@ class Reasoner:
                 usd=self._cost(spec, worst), score=verdict.score, min_score=spec.min_score)
             if hold is not None:
                 holds[spec.name] = hold
+                self.spend.reserve(tenant, spec.name, hold.usd)
             return why
 
         tier = router.first(verdict.score, need, skipped, claim)
@@ -118,12 +121,16 @@ class Reasoner:
                     cached += u.cached_prompt_tokens
                     completion_tokens += u.completion_tokens
                     estimated = estimated or u.estimated
-                    cost += u.cost_usd or self._cost(spec, u)
+                    usd = u.cost_usd or self._cost(spec, u)
+                    cost += usd
+                    self.spend.call(tenant, tier, u, usd)
                     if tier != "reflex":
                         self.forecast.observe(tier, req.prefix, req.tail, u, event.key)
                 if tier in holds:  # settled with what the call cost, nothing if it failed unused
                     u = comp.usage if comp is not None else Usage()
-                    self.budgets.settle(holds.pop(tier), usd=u.cost_usd or self._cost(spec, u),
+                    hold = holds.pop(tier)
+                    self.spend.reserve(tenant, tier, -hold.usd)
+                    self.budgets.settle(hold, usd=u.cost_usd or self._cost(spec, u),
                                         tokens=u.prompt_tokens + u.completion_tokens)
                 if comp is not None and comp.error:
                     errors.append(f"{tier}: {comp.error}"[:300])
@@ -169,7 +176,8 @@ class Reasoner:
                         continue
                 break
         finally:
-            for hold in holds.values():  # cancelled mid-call: release what it reserved
+            for held_tier, hold in holds.items():  # cancelled mid-call: release what it reserved
+                self.spend.reserve(tenant, held_tier, -hold.usd)
                 self.budgets.settle(hold, usd=0.0, tokens=0)
         if best is None:
             # every tier failed or answered garbage: a fixed, schema-valid fallback

@@ -21,7 +21,7 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
                        state_dir: Path = Path("state"), input_topic: str | None = None,
                        output_topic: str | None = None, dead_letter_topic: str | None = None,
                        partitions: int = 16, checkpoint_every_s: float = 2.0,
-                       session_timeout_ms: int = 10_000, engines=None) -> Worker:
+                       session_timeout_ms: int = 10_000, engines=None, ledger: Path | None = None) -> Worker:
     """Create missing topics and assemble a Worker with Kafka source, sink and changelog."""
     t_in, t_out, t_dead = pipe.topics
     t_in, t_out, t_dead = input_topic or t_in, output_topic or t_out, dead_letter_topic or t_dead
@@ -50,7 +50,7 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
     return pipe.worker(source, sink, engines=engines, open_store=open_store,
                        changelog=KafkaChangelog(brokers, t_log, request_timeout_ms=give_up_ms,
                                                 may_send=source.member),
-                       checkpoint_every_s=checkpoint_every_s)
+                       checkpoint_every_s=checkpoint_every_s, ledger=ledger)
 
 
 async def run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, **kw) -> RunStats:

@@ -130,7 +130,7 @@ class Pipeline:
                progress: Callable[[RunStats], None] | None = None, **kw) -> Worker:
         """A Worker running this pipeline from `source` to `sink`."""
         logic, decoder, built = self.build(engines=engines)
-        return Worker(logic, decoder, source, sink, built, self.tiers, store=store,
+        return Worker(logic, decoder, source, sink, built, self.tiers, store=store, name=self.name,
                       max_inflight=kw.pop("max_inflight", self.max_inflight),
                       max_hot_keys=kw.pop("max_hot_keys", self.max_hot_keys), progress=progress, **kw)
 

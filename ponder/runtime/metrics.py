@@ -49,6 +49,37 @@ class WorkerCollector(Collector):
         c.add_metric([p, "cached_prompt"], s.cached_prompt_tokens)
         c.add_metric([p, "completion"], s.completion_tokens)
         yield c
+        reasoner = w.logic.reasoner
+        families = {
+            "calls": CounterMetricFamily("ponder_tier_calls", "Model calls", labels=["pipeline", "tenant", "tier"]),
+            "prompt_tokens": CounterMetricFamily("ponder_tenant_prompt_tokens", "Prompt tokens",
+                                                 labels=["pipeline", "tenant", "tier"]),
+            "cached_prompt_tokens": CounterMetricFamily("ponder_tenant_cached_prompt_tokens", "Prompt tokens from a cache",
+                                                        labels=["pipeline", "tenant", "tier"]),
+            "completion_tokens": CounterMetricFamily("ponder_tenant_completion_tokens", "Completion tokens",
+                                                     labels=["pipeline", "tenant", "tier"]),
+            "usd": CounterMetricFamily("ponder_tenant_cost_usd", "USD spent", labels=["pipeline", "tenant", "tier"]),
+        }
+        reserved = GaugeMetricFamily("ponder_tenant_reserved_usd", "USD reserved for calls in flight",
+                                     labels=["pipeline", "tenant", "tier"])
+        for row in reasoner.spend.rows():
+            labels = [p, row["tenant"], row["tier"]]
+            for k, fam in families.items():
+                fam.add_metric(labels, row[k])
+            reserved.add_metric(labels, row["reserved_usd"])
+        yield from families.values()
+        yield reserved
+        spent = GaugeMetricFamily("ponder_budget_spent_usd", "USD spent in the budget's window",
+                                  labels=["pipeline", "tenant", "tier", "per"])
+        left = GaugeMetricFamily("ponder_budget_remaining_usd", "USD left in the budget's window",
+                                 labels=["pipeline", "tenant", "tier", "per"])
+        for b in reasoner.budgets.state():
+            labels = [p, b["tenant"], b["tier"], b["per"]]
+            spent.add_metric(labels, b["spent_usd"])
+            if b["remaining_usd"] is not None:
+                left.add_metric(labels, b["remaining_usd"])
+        yield spent
+        yield left
         g = GaugeMetricFamily("ponder_inflight_events", "Events admitted and not done", labels=["pipeline"])
         g.add_metric([p], w._inflight)  # noqa: SLF001 - the worker's own gauge
         yield g

@@ -26,6 +26,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import msgspec
@@ -38,6 +39,7 @@ from ponder.operators.route import TierSpec
 from ponder.runtime.batcher import Batcher
 from ponder.runtime.checkpoint import Partitions
 from ponder.runtime.decode import Decoder
+from ponder.runtime.ledger import write_ledger
 from ponder.runtime.tracker import CompletionTracker
 from ponder.state.base import Changelog, Store
 from ponder.types import DeadLetter, Decision, Event, SourcePos
@@ -96,8 +98,11 @@ class Worker:
         max_hot_keys: int = 100_000,
         checkpoint_every_s: float = 5.0,
         progress: Callable[[RunStats], None] | None = None,
+        ledger: str | Path | None = None,
+        name: str = "",
     ) -> None:
         self.logic = logic
+        self.ledger, self.name = ledger, name  # the spend ledger, rewritten at each checkpoint
         self.decoder = decoder
         self.source = source
         self.sink = sink
@@ -388,6 +393,8 @@ class Worker:
         self._check()
         positions = await self.partitions.checkpoint(self.tracker, self.sink, self.source, self._lanes)
         self.stats.checkpoints += 1
+        if self.ledger is not None:
+            write_ledger(self.ledger, self.name, self.logic.reasoner)
         return positions
 
     async def assign(self, partitions: list[tuple[str, int]]) -> None:
