@@ -30,6 +30,7 @@ class Request(msgspec.Struct, frozen=True):
     findings: tuple[Finding, ...] = ()
     gate_score: float = 0.0
     request_id: str = ""
+    tenant: str = ""  # whose request: a saturated tier's queue is shared fairly by tenant
 
     @property
     def prompt(self) -> str:

@@ -49,7 +49,7 @@ class Reasoner:
         spec = self.router.by_name[tier]
         return Request(event.key, p.prefix, p.tail, spec.max_tokens, self.actions, self.schema,
                        tuple(verdict.findings), verdict.score,
-                       decision_id(event.key, event.source))
+                       decision_id(event.key, event.source), event.tenant or DEFAULT_TENANT)
 
     @staticmethod
     def _cost(spec, u: Usage) -> float:

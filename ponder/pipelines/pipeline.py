@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexRule
@@ -56,6 +56,8 @@ class Pipeline:
         never share state or context. Decisions carry `tenant`.
     :param budgets: caps on spend per tenant and tier (operators/budget.py): a call's worst
         case is reserved before it is sent, settled with its actual cost after.
+    :param tenant_weights: shares of a saturated tier's queue (runtime/batcher.py); 1 each by
+        default.
     """
 
     name: str
@@ -76,6 +78,7 @@ class Pipeline:
     max_skew_s: float | None = 86_400.0
     tenant: str | None = None
     budgets: tuple[Budget, ...] = ()
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +98,8 @@ class Pipeline:
         for r in self.reflex:
             if r.action not in self.actions:
                 bad(f"reflex rule for {r.kind!r} names action {r.action!r}, not one of {self.actions}")
+        if any(not (isinstance(w, (int, float)) and w > 0) for w in self.tenant_weights.values()):
+            bad(f"tenant_weights must be numbers > 0, got {dict(self.tenant_weights)!r}")
         Router(self.tiers)  # raises on a missing reflex tier or duplicate tiers
         answer_schema(self.actions)
 
@@ -131,6 +136,7 @@ class Pipeline:
         """A Worker running this pipeline from `source` to `sink`."""
         logic, decoder, built = self.build(engines=engines)
         return Worker(logic, decoder, source, sink, built, self.tiers, store=store, name=self.name,
+                      tenant_weights=self.tenant_weights,
                       max_inflight=kw.pop("max_inflight", self.max_inflight),
                       max_hot_keys=kw.pop("max_hot_keys", self.max_hot_keys), progress=progress, **kw)
 

@@ -100,6 +100,7 @@ class Worker:
         progress: Callable[[RunStats], None] | None = None,
         ledger: str | Path | None = None,
         name: str = "",
+        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.logic = logic
         self.ledger, self.name = ledger, name  # the spend ledger, rewritten at each checkpoint
@@ -133,7 +134,7 @@ class Worker:
             else:
                 self._batchers[spec.name] = Batcher(
                     engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
-                    max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s)
+                    max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, weights=tenant_weights)
 
     @property
     def store(self) -> Store:
