@@ -171,3 +171,36 @@ def test_ponder_run_writes_the_ledger_and_metrics_carry_tenant_and_tier(tmp_path
     assert 'ponder_tier_calls_total{pipeline="b",tenant="acme",tier="edge"} 1.0' in text
     assert f'ponder_tenant_cost_usd_total{{pipeline="b",tenant="acme",tier="edge"}} {CALL_USD}' in text
     assert 'ponder_budget_remaining_usd{per="1h",pipeline="b",tenant="*",tier="edge"}' in text
+
+
+def test_each_partition_owns_a_share_and_its_account_moves_with_it():
+    """Two workers of one group, four partitions: each partition may spend a quarter of the
+    cap; a partition's spend travels in its checkpoint bookkeeping to its next owner, so the
+    group as a whole never spends past the cap however partitions move."""
+    now = [7200.0]
+    cap = Budget(tier="edge", usd=1.0, per="1h")
+    w1, w2 = (Budgets((cap,), clock=lambda: now[0], slices=4) for _ in range(2))
+
+    def spend(b: Budgets, partition: int, usd: float) -> str | None:
+        hold, why = b.reserve("t", "edge", tokens=1, usd=usd, score=1.0, min_score=0.0, partition=partition)
+        if hold is not None:
+            b.settle(hold, usd=usd, tokens=1)
+        return why
+
+    for p in (0, 1):
+        assert spend(w1, p, 0.2) is None and spend(w1, p, 0.05) is None
+        assert spend(w1, p, 0.01).startswith("budget tier=edge: $0.01 more would pass its cap of $1 per 1h "
+                                             "(a partition's share: 1/4) ($0.25 spent")
+    for p in (2, 3):
+        assert spend(w2, p, 0.25) is None
+    # partition 1 moves from worker 1 to worker 2 with its checkpoint bookkeeping
+    meta = w1.meta(1)
+    w1.forget(1)
+    w2.restore(1, meta)
+    assert spend(w2, 1, 0.01) is not None  # its share was spent where it came from
+    total = sum(s["spent_usd"] for b in (w1, w2) for s in b.state())
+    assert total == pytest.approx(1.0) and total <= 1.0 * 1.01
+    # a new hour: the account restored from an old window starts empty
+    now[0] += 3600
+    w1.restore(0, w1.meta(0) | {k: v - 3600 for k, v in w1.meta(0).items() if k.endswith(".window")})
+    assert spend(w1, 0, 0.25) is None

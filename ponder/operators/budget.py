@@ -14,8 +14,9 @@ tier's `min_score` at `soft` to 1.0 at the cap, so the budget lasts its window. 
 is skipped (the router downgrades, and the decision's trace says which budget and why).
 
 Windows are aligned to the wall clock (each minute, hour or day starts at a multiple of its
-length since the epoch), so every worker of a group agrees on them. The caps hold per process:
-a group of N workers shares nothing yet, so each may spend a cap (see README, "Budgets").
+length since the epoch), so every worker of a group agrees on them. Each input partition owns
+an equal share of every cap and keeps its own account, which travels with the partition in
+the checkpoint bookkeeping (see `Budgets`): the caps hold for a whole consumer group.
 
 >>> b = Budgets((Budget(tier="cloud", usd=1.0, per="1h"),), clock=lambda: 0.0)
 >>> hold, why = b.reserve("acme", "cloud", tokens=1_000, usd=0.6, score=0.9, min_score=0.5)
@@ -27,6 +28,7 @@ a group of N workers shares nothing yet, so each may spend a cap (see README, "B
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -89,32 +91,57 @@ class Hold:
 
 
 class Budgets:
-    """The budgets of one pipeline, with their current windows."""
+    """The budgets of one pipeline, with each partition's account of its current windows.
 
-    def __init__(self, budgets: tuple[Budget, ...] = (), *, clock: Callable[[], float] = time.time) -> None:
+    `slices`: how many partitions the input has. Each partition owns an equal share of every
+    cap, and its spend travels with it: a worker's checkpoint stores each partition's account
+    (`meta`), and the worker that takes the partition over restores it (`restore`), so the
+    caps hold for the whole consumer group however partitions move. (A share is the most a
+    partition may spend: a skewed input may leave part of a cap unused.)
+    """
+
+    def __init__(self, budgets: tuple[Budget, ...] = (), *, clock: Callable[[], float] = time.time,
+                 slices: int = 1) -> None:
+        if slices < 1:
+            raise ValueError(f"Budgets: slices must be >= 1, got {slices}")
         self.budgets = tuple(budgets)
+        self.slices = slices
         self._clock = clock
-        self._windows = [_Window() for _ in self.budgets]
-        self._roll()
+        self._accounts: dict[int, list[_Window]] = {}
+        self._ids = [hashlib.blake2b(repr((b.tenant, b.tier, b.usd, b.tokens, b.per)).encode(),
+                                     digest_size=4).hexdigest() for b in self.budgets]
 
     def __bool__(self) -> bool:
         return bool(self.budgets)
 
+    def _start(self, b: Budget, now: float) -> float:
+        return math.floor(now / _PERIOD_S[b.per]) * _PERIOD_S[b.per]
+
+    def _account(self, partition: int) -> list[_Window]:
+        acc = self._accounts.get(partition)
+        if acc is None:
+            now = self._clock()
+            acc = self._accounts[partition] = [_Window(self._start(b, now)) for b in self.budgets]
+        return acc
+
     def _roll(self) -> float:
         now = self._clock()
-        for b, w in zip(self.budgets, self._windows):
-            start = math.floor(now / _PERIOD_S[b.per]) * _PERIOD_S[b.per]
-            if start != w.start:
-                # a new window: nothing spent yet; calls in flight keep their reservations
-                w.start, w.spent_usd, w.spent_tokens = start, 0.0, 0
+        for acc in self._accounts.values():
+            for b, w in zip(self.budgets, acc):
+                start = self._start(b, now)
+                if start != w.start:
+                    # a new window: nothing spent yet; calls in flight keep their reservations
+                    w.start, w.spent_usd, w.spent_tokens = start, 0.0, 0
         return now
 
     def reserve(self, tenant: str, tier: str, *, tokens: int, usd: float, score: float,
-                min_score: float) -> tuple[Hold | None, str | None]:
-        """Reserve a call's worst case against every budget covering it: (hold, None), or
-        (None, why) when one would pass its cap or is pacing this event out."""
+                min_score: float, partition: int = 0) -> tuple[Hold | None, str | None]:
+        """Reserve a call's worst case against every budget covering it, in the account of the
+        event's partition: (hold, None), or (None, why) when one would pass its cap (its share
+        of it) or is pacing this event out."""
         now = self._roll()
-        covering = [(b, w) for b, w in zip(self.budgets, self._windows) if b.covers(tenant, tier)]
+        acc = self._account(partition if self.slices > 1 else 0)  # one account for an unsliced cap
+        covering = [(b, w) for b, w in zip(self.budgets, acc) if b.covers(tenant, tier)]
         for b, w in covering:
             why = self._refusal(b, w, tokens, usd, score, min_score, now)
             if why is not None:
@@ -124,20 +151,22 @@ class Budgets:
             w.reserved_tokens += tokens
         return Hold([w for _, w in covering], usd, tokens), None
 
-    @staticmethod
-    def _refusal(b: Budget, w: _Window, tokens: int, usd: float, score: float, min_score: float,
+    def _refusal(self, b: Budget, w: _Window, tokens: int, usd: float, score: float, min_score: float,
                  now: float) -> str | None:
+        share = "" if self.slices == 1 else f" (a partition's share: 1/{self.slices})"
         used = 0.0
         if b.usd is not None:
-            if w.spent_usd + w.reserved_usd + usd > b.usd:
-                return (f"{b.name}: ${usd:.4g} more would pass its cap of ${b.usd:g} per {b.per} "
+            cap = b.usd / self.slices
+            if w.spent_usd + w.reserved_usd + usd > cap:
+                return (f"{b.name}: ${usd:.4g} more would pass its cap of ${b.usd:g} per {b.per}{share} "
                         f"(${w.spent_usd:.4g} spent, ${w.reserved_usd:.4g} reserved)")
-            used = max(used, (w.spent_usd + w.reserved_usd) / b.usd if b.usd else 1.0)
+            used = max(used, (w.spent_usd + w.reserved_usd) / cap if cap else 1.0)
         if b.tokens is not None:
-            if w.spent_tokens + w.reserved_tokens + tokens > b.tokens:
-                return (f"{b.name}: {tokens} more tokens would pass its cap of {b.tokens} per {b.per} "
+            cap_t = b.tokens / self.slices
+            if w.spent_tokens + w.reserved_tokens + tokens > cap_t:
+                return (f"{b.name}: {tokens} more tokens would pass its cap of {b.tokens} per {b.per}{share} "
                         f"({w.spent_tokens} spent, {w.reserved_tokens} reserved)")
-            used = max(used, (w.spent_tokens + w.reserved_tokens) / b.tokens if b.tokens else 1.0)
+            used = max(used, (w.spent_tokens + w.reserved_tokens) / cap_t if cap_t else 1.0)
         elapsed = (now - w.start) / _PERIOD_S[b.per]
         if used >= b.soft and used > elapsed and b.soft < 1.0:
             bar = min_score + (1.0 - min_score) * (used - b.soft) / (1.0 - b.soft)
@@ -158,11 +187,46 @@ class Budgets:
             w.spent_usd += usd
             w.spent_tokens += tokens
 
-    def state(self) -> list[dict]:
-        """Each budget's cap and its current window, for ledgers and metrics."""
+    # -- accounts that move with their partitions ------------------------------------------
+
+    def meta(self, partition: int) -> dict[str, int]:
+        """A partition's account as checkpoint bookkeeping (integers: nano-USD)."""
         self._roll()
-        return [{"tenant": b.tenant, "tier": b.tier, "per": b.per, "cap_usd": b.usd, "cap_tokens": b.tokens,
-                 "window_start": w.start, "spent_usd": round(w.spent_usd, 10), "spent_tokens": w.spent_tokens,
-                 "reserved_usd": round(w.reserved_usd, 10), "reserved_tokens": w.reserved_tokens,
-                 "remaining_usd": None if b.usd is None else round(b.usd - w.spent_usd - w.reserved_usd, 10)}
-                for b, w in zip(self.budgets, self._windows)]
+        acc = self._accounts.get(partition)
+        if acc is None:
+            return {}
+        out: dict[str, int] = {}
+        for bid, w in zip(self._ids, acc):
+            out[f"budget.{bid}.window"] = int(w.start)
+            out[f"budget.{bid}.nano_usd"] = round(w.spent_usd * 1e9)
+            out[f"budget.{bid}.tokens"] = w.spent_tokens
+        return out
+
+    def restore(self, partition: int, meta: dict[str, int]) -> None:
+        """Take a partition's account over from its last checkpoint (a window since ended
+        starts empty)."""
+        acc = self._account(partition)
+        self._roll()
+        for bid, w in zip(self._ids, acc):
+            if meta.get(f"budget.{bid}.window") == int(w.start):
+                w.spent_usd = meta.get(f"budget.{bid}.nano_usd", 0) / 1e9
+                w.spent_tokens = meta.get(f"budget.{bid}.tokens", 0)
+
+    def forget(self, partition: int) -> None:
+        """A partition handed on: its account is its new owner's now."""
+        self._accounts.pop(partition, None)
+
+    def state(self) -> list[dict]:
+        """Each budget's cap and this process's accounts summed, for ledgers and metrics."""
+        now = self._roll()
+        out = []
+        for i, b in enumerate(self.budgets):
+            ws = [acc[i] for acc in self._accounts.values()]
+            spent, reserved = sum(w.spent_usd for w in ws), sum(w.reserved_usd for w in ws)
+            owned = max(len(ws), 1) / self.slices
+            out.append({"tenant": b.tenant, "tier": b.tier, "per": b.per, "cap_usd": b.usd, "cap_tokens": b.tokens,
+                        "share": owned, "window_start": self._start(b, now), "spent_usd": round(spent, 10),
+                        "spent_tokens": sum(w.spent_tokens for w in ws), "reserved_usd": round(reserved, 10),
+                        "reserved_tokens": sum(w.reserved_tokens for w in ws),
+                        "remaining_usd": None if b.usd is None else round(b.usd * owned - spent - reserved, 10)})
+        return out

@@ -75,7 +75,8 @@ class Reasoner:
                                         req.max_tokens or answer_token_bound(self.schema))
             hold, why = self.budgets.reserve(
                 tenant, spec.name, tokens=worst.prompt_tokens + worst.completion_tokens,
-                usd=self._cost(spec, worst), score=verdict.score, min_score=spec.min_score)
+                usd=self._cost(spec, worst), score=verdict.score, min_score=spec.min_score,
+                partition=event.source.partition)
             if hold is not None:
                 holds[spec.name] = hold
                 self.spend.reserve(tenant, spec.name, hold.usd)

@@ -50,7 +50,7 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
     return pipe.worker(source, sink, engines=engines, open_store=open_store,
                        changelog=KafkaChangelog(brokers, t_log, request_timeout_ms=give_up_ms,
                                                 may_send=source.member),
-                       checkpoint_every_s=checkpoint_every_s, ledger=ledger)
+                       checkpoint_every_s=checkpoint_every_s, ledger=ledger, budget_slices=n)
 
 
 async def run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, **kw) -> RunStats:

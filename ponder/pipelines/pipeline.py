@@ -113,13 +113,13 @@ class Pipeline:
             return replace(self.context, instructions=self.instructions)
         return self.context
 
-    def build(self, *, engines: dict[str, Engine] | None = None,
-              clock: Callable[[], float] | None = None) -> tuple[KeyLogic, Decoder, dict[str, Engine]]:
+    def build(self, *, engines: dict[str, Engine] | None = None, clock: Callable[[], float] | None = None,
+              budget_slices: int = 1) -> tuple[KeyLogic, Decoder, dict[str, Engine]]:
         """The runnable parts: per-key logic, decoder and one engine per tier."""
         router = Router(self.tiers, clock=clock) if clock else Router(self.tiers)
         policy = self.context_policy()
         logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0],
-                                                     budgets=Budgets(self.budgets)))
+                                                     budgets=Budgets(self.budgets, slices=budget_slices)))
         built = dict(engines or {})
         for t in self.tiers:
             if t.name not in built:
@@ -133,8 +133,9 @@ class Pipeline:
 
     def worker(self, source, sink, *, engines: dict[str, Engine] | None = None, store=None,
                progress: Callable[[RunStats], None] | None = None, **kw) -> Worker:
-        """A Worker running this pipeline from `source` to `sink`."""
-        logic, decoder, built = self.build(engines=engines)
+        """A Worker running this pipeline from `source` to `sink`. `budget_slices`: the input's
+        partition count, so each partition owns its share of the budgets (Kafka workers)."""
+        logic, decoder, built = self.build(engines=engines, budget_slices=kw.pop("budget_slices", 1))
         return Worker(logic, decoder, source, sink, built, self.tiers, store=store, name=self.name,
                       tenant_weights=self.tenant_weights,
                       max_inflight=kw.pop("max_inflight", self.max_inflight),

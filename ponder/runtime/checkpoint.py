@@ -73,6 +73,11 @@ class Partitions:
         self._open_store = open_store
         self.changelog = changelog
         self.max_hot_keys = max_hot_keys
+        # what else a partition's checkpoint carries and its next owner takes over (the budget
+        # accounts: operators/budget.py), as integer bookkeeping; and who forgets it when it goes
+        self.bookkeeping: Callable[[int], dict[str, int]] | None = None
+        self.restored: Callable[[int, dict[str, int]], None] | None = None
+        self.released: Callable[[int], None] | None = None
         self._stores: dict[TP, Store] = {}
         self._hot: OrderedDict[str, KeyState] = OrderedDict()
         self._tp: dict[str, TP] = {}  # partition of every hot key (dirty keys are always hot)
@@ -250,6 +255,8 @@ class Partitions:
         metas: dict[TP, dict[str, int]] = {}
         for tp in by_tp:
             meta = {"epoch": self.epochs.get(tp, 0)}
+            if self.bookkeeping is not None:
+                meta.update(self.bookkeeping(tp[1]))
             if tp in positions:
                 if isinstance(sink, ReplayableSink):
                     meta.update(sink.checkpoint_meta(tp[1], positions[tp]))
@@ -310,6 +317,8 @@ class Partitions:
             restart = []
             for tp in tps:
                 meta = metas[tp[1]]
+                if self.restored is not None:
+                    self.restored(tp[1], meta)
                 self.epochs[tp] = meta.get("epoch", 0)
                 fp = found.get(tp)
                 if fp is None or fp == BEFORE_START or fp == meta.get("anchor"):
@@ -385,6 +394,9 @@ class Partitions:
 
     def _forget(self, gone: set[TP], tracker: CompletionTracker, sink: Sink) -> None:
         self.leaving -= gone
+        if self.released is not None:
+            for tp in gone:
+                self.released(tp[1])
         for key in [k for k, tp in self._tp.items() if tp in gone]:
             del self._tp[key]
             self._hot.pop(key, None)

@@ -110,6 +110,11 @@ class Worker:
         self.engines = dict(engines)
         self.partitions = Partitions(logic.new_state, store=store, open_store=open_store,
                                      changelog=changelog, max_hot_keys=max_hot_keys)
+        budgets = logic.reasoner.budgets
+        if budgets and budgets.slices > 1:  # each partition's share of the caps moves with it
+            self.partitions.bookkeeping = budgets.meta
+            self.partitions.restored = budgets.restore
+            self.partitions.released = budgets.forget
         self.max_inflight = max_inflight
         self.checkpoint_every_s = checkpoint_every_s
         self.close_timeout_s = 15.0
