@@ -170,7 +170,8 @@ def test_ponder_run_writes_the_ledger_and_metrics_carry_tenant_and_tier(tmp_path
     text = generate_latest(reg).decode()
     assert 'ponder_tier_calls_total{pipeline="b",tenant="acme",tier="edge"} 1.0' in text
     assert f'ponder_tenant_cost_usd_total{{pipeline="b",tenant="acme",tier="edge"}} {CALL_USD}' in text
-    assert 'ponder_budget_remaining_usd{per="1h",pipeline="b",tenant="*",tier="edge"}' in text
+    assert 'ponder_budget_remaining_usd{budget="0",per="1h",pipeline="b",tenant="*",tier="edge"} 1.0' not in text
+    assert 'ponder_budget_spent_usd{budget="0",per="1h",pipeline="b",tenant="*",tier="edge"} ' + str(CALL_USD) in text
 
 
 def test_each_partition_owns_a_share_and_its_account_moves_with_it():
@@ -204,3 +205,16 @@ def test_each_partition_owns_a_share_and_its_account_moves_with_it():
     now[0] += 3600
     w1.restore(0, w1.meta(0) | {k: v - 3600 for k, v in w1.meta(0).items() if k.endswith(".window")})
     assert spend(w1, 0, 0.25) is None
+
+
+def test_budgets_that_could_never_apply_are_refused_when_the_pipeline_is_made():
+    with pytest.raises(ValueError, match=r"a budget names tier 'clud', not one of \['edge', 'reflex'\]"):
+        pipeline((Budget(tier="clud", usd=1.0),))
+    with pytest.raises(ValueError, match="a budget names tenant 'acme' but the pipeline has no tenants"):
+        pipeline((Budget(tenant="acme", usd=1.0),))
+    with pytest.raises(ValueError, match="a USD budget covers tier 'edge', which has no price"):
+        Pipeline(name="u", key="k", actions=("none",), budgets=(Budget(usd=1.0),),
+                 tiers=(TierSpec("reflex", max_batch=1), TierSpec("edge", engine="reflex")))
+    # a token cap needs no price
+    Pipeline(name="u", key="k", actions=("none",), budgets=(Budget(tokens=1_000),),
+             tiers=(TierSpec("reflex", max_batch=1), TierSpec("edge", engine="reflex")))

@@ -85,3 +85,15 @@ async def test_no_tenant_is_one_queue_and_a_full_batch_goes_at_once():
     b = Batcher(eng, max_batch=3, max_wait_s=10.0, max_concurrency=2)
     out = await asyncio.wait_for(asyncio.gather(*(b.submit(request("", i)) for i in range(3))), 1.0)
     assert len(out) == 3 and eng.batches == [[":0", ":1", ":2"]]
+
+
+async def test_tiny_weights_still_send_every_turn_and_bad_weights_are_refused():
+    order = await asyncio.wait_for(serve(["a"] * 5 + ["b"] * 5, {"a": 1e-300, "b": 2e-300}, max_batch=2), 5.0)
+    assert order[:3] == ["a:1", "b:1", "b:2"]  # proportions kept: b twice a's share
+    for bad in (0.0, float("inf"), -1.0):
+        try:
+            Batcher(Gate(), weights={"a": bad})
+        except ValueError as e:
+            assert str(e) == f"tenant weights must be finite and > 0, got {{'a': {bad}}}"
+        else:
+            raise AssertionError(f"weight {bad} accepted")

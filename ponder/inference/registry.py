@@ -15,7 +15,6 @@ from ponder.inference.servers import ServerProfile
 
 __all__ = ["build_engine"]
 
-_RETRIES = 2
 # the engine's deadline sits a little inside the batcher's, so that the engine is the one that
 # gives up: it cancels its streams and reports what the attempts used
 _DEADLINE_SHARE = 0.95
@@ -24,7 +23,8 @@ _DEADLINE_SHARE = 0.95
 def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), default_action: str = "none",
                  name: str = "", model: str = "", max_batch: int = 8, max_concurrency: int = 4,
                  timeout_s: float = 30.0, server: str | ServerProfile = "auto",
-                 extra_body: Mapping[str, Any] | None = None, stall_s: float | None = None) -> Engine:
+                 extra_body: Mapping[str, Any] | None = None, stall_s: float | None = None,
+                 retries: int = 2) -> Engine:
     """Build the engine a spec names (the keyword arguments are a tier's settings).
 
     * `reflex`: the rule engine;
@@ -53,7 +53,7 @@ def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), defaul
 
         return OpenAIEngine(spec, model, server=server, extra_body=dict(extra_body or {}),
                             max_concurrency=max_batch * max_concurrency, timeout_s=timeout_s * _DEADLINE_SHARE,
-                            stall_s=stall_s, retries=_RETRIES, tier=name, api_key=os.environ.get("PONDER_API_KEY"))
+                            stall_s=stall_s, retries=retries, tier=name, api_key=os.environ.get("PONDER_API_KEY"))
     msg = (f"unknown engine spec {spec!r}: expected 'reflex', 'jax:PATH', an http(s):// URL of an "
            "OpenAI-compatible server, or an Engine instance")
     raise ValueError(msg)

@@ -16,7 +16,10 @@ is skipped (the router downgrades, and the decision's trace says which budget an
 Windows are aligned to the wall clock (each minute, hour or day starts at a multiple of its
 length since the epoch), so every worker of a group agrees on them. Each input partition owns
 an equal share of every cap and keeps its own account, which travels with the partition in
-the checkpoint bookkeeping (see `Budgets`): the caps hold for a whole consumer group.
+the checkpoint bookkeeping (see `Budgets`): the caps hold for a whole consumer group. What a
+partition spent after its last checkpoint is not in the account its next owner restores when
+it was lost rather than handed back (a crash, an expired session): each such move can overrun
+by up to one checkpoint interval's spend of that partition.
 
 >>> b = Budgets((Budget(tier="cloud", usd=1.0, per="1h"),), clock=lambda: 0.0)
 >>> hold, why = b.reserve("acme", "cloud", tokens=1_000, usd=0.6, score=0.9, min_score=0.5)
@@ -117,6 +120,10 @@ class Budgets:
     def _start(self, b: Budget, now: float) -> float:
         return math.floor(now / _PERIOD_S[b.per]) * _PERIOD_S[b.per]
 
+    def _slot(self, partition: int) -> int:
+        """The account a partition's calls go to: its own, or the one account of an unsliced cap."""
+        return partition if self.slices > 1 else 0
+
     def _account(self, partition: int) -> list[_Window]:
         acc = self._accounts.get(partition)
         if acc is None:
@@ -140,7 +147,7 @@ class Budgets:
         event's partition: (hold, None), or (None, why) when one would pass its cap (its share
         of it) or is pacing this event out."""
         now = self._roll()
-        acc = self._account(partition if self.slices > 1 else 0)  # one account for an unsliced cap
+        acc = self._account(self._slot(partition))
         covering = [(b, w) for b, w in zip(self.budgets, acc) if b.covers(tenant, tier)]
         for b, w in covering:
             why = self._refusal(b, w, tokens, usd, score, min_score, now)
@@ -192,7 +199,7 @@ class Budgets:
     def meta(self, partition: int) -> dict[str, int]:
         """A partition's account as checkpoint bookkeeping (integers: nano-USD)."""
         self._roll()
-        acc = self._accounts.get(partition)
+        acc = self._accounts.get(self._slot(partition))
         if acc is None:
             return {}
         out: dict[str, int] = {}
@@ -205,7 +212,7 @@ class Budgets:
     def restore(self, partition: int, meta: dict[str, int]) -> None:
         """Take a partition's account over from its last checkpoint (a window since ended
         starts empty)."""
-        acc = self._account(partition)
+        acc = self._account(self._slot(partition))
         self._roll()
         for bid, w in zip(self._ids, acc):
             if meta.get(f"budget.{bid}.window") == int(w.start):
@@ -214,7 +221,7 @@ class Budgets:
 
     def forget(self, partition: int) -> None:
         """A partition handed on: its account is its new owner's now."""
-        self._accounts.pop(partition, None)
+        self._accounts.pop(self._slot(partition), None)
 
     def state(self) -> list[dict]:
         """Each budget's cap and this process's accounts summed, for ledgers and metrics."""

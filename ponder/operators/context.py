@@ -499,6 +499,7 @@ def render(policy: ContextPolicy, st: ContextState, head: str,
            findings: list[Finding] | tuple[Finding, ...] = (), question: str = "") -> Prompt:
     """Render a key's context as a prompt: stable prefix + volatile tail."""
     seg_limit = policy.segment_chars
+    # a tenant-scoped key (types.Event) shows its tenant too, the separator escaped
     lines = [head, f"<data key={quote(st.key, 64)}>", "History summary (oldest first):"]
     lines.extend(_render_segment(s, seg_limit) for s in st.summary)
     if not st.summary:

@@ -73,6 +73,10 @@ class Reasoner:
             req = self.request(st, event, verdict, spec.name)
             worst = self.forecast.bound(spec.name, req.prefix, req.tail,
                                         req.max_tokens or answer_token_bound(self.schema))
+            if isinstance(spec.engine, str) and spec.engine.startswith(("http://", "https://")):
+                # the engine may retry a transient failure, and every attempt is paid for
+                worst = Usage(worst.prompt_tokens * (1 + spec.retries), 0,
+                              worst.completion_tokens * (1 + spec.retries))
             hold, why = self.budgets.reserve(
                 tenant, spec.name, tokens=worst.prompt_tokens + worst.completion_tokens,
                 usd=self._cost(spec, worst), score=verdict.score, min_score=spec.min_score,

@@ -85,6 +85,7 @@ class TierSpec:
     server: str | ServerProfile = "auto"
     extra_body: Mapping[str, Any] | None = None
     stall_s: float | None = None
+    retries: int = 2  # an http(s) engine's retries of a transient failure, within `timeout_s`
 
     def __post_init__(self) -> None:
         if self.name not in TIER_ORDER:

@@ -11,6 +11,7 @@ read, with an error that names the field at fault.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -98,9 +99,19 @@ class Pipeline:
         for r in self.reflex:
             if r.action not in self.actions:
                 bad(f"reflex rule for {r.kind!r} names action {r.action!r}, not one of {self.actions}")
-        if any(not (isinstance(w, (int, float)) and w > 0) for w in self.tenant_weights.values()):
-            bad(f"tenant_weights must be numbers > 0, got {dict(self.tenant_weights)!r}")
+        if any(not (isinstance(w, (int, float)) and 0 < w < math.inf) for w in self.tenant_weights.values()):
+            bad(f"tenant_weights must be finite numbers > 0, got {dict(self.tenant_weights)!r}")
         Router(self.tiers)  # raises on a missing reflex tier or duplicate tiers
+        names = {t.name for t in self.tiers}
+        for b in self.budgets:
+            if b.tier != "*" and b.tier not in names:
+                bad(f"a budget names tier {b.tier!r}, not one of {sorted(names)}")
+            if b.tenant != "*" and self.tenant is None:
+                bad(f"a budget names tenant {b.tenant!r} but the pipeline has no tenants (tenant=)")
+            for t in self.tiers:
+                if b.usd is not None and t.name != "reflex" and b.covers(b.tenant, t.name) \
+                        and t.price is None and not t.cost_per_1k_tokens:
+                    bad(f"a USD budget covers tier {t.name!r}, which has no price (price= or cost_per_1k_tokens=)")
         answer_schema(self.actions)
 
     @property
@@ -126,7 +137,7 @@ class Pipeline:
                 built[t.name] = build_engine(
                     t.engine, rules=self.reflex, default_action=self.actions[0], name=t.name, model=t.model,
                     max_batch=t.max_batch, max_concurrency=t.max_concurrency, timeout_s=t.timeout_s,
-                    server=t.server, extra_body=t.extra_body, stall_s=t.stall_s)
+                    server=t.server, extra_body=t.extra_body, stall_s=t.stall_s, retries=t.retries)
         # the router's clock is monotonic; event times are checked against the wall clock
         decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s, tenant=self.tenant)
         return logic, decoder, built

@@ -35,9 +35,11 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.timeout_s = timeout_s
         self.weights = dict(weights or {})
-        if any(not w > 0 for w in self.weights.values()):
-            msg = f"tenant weights must be > 0, got {self.weights}"
+        if any(not 0 < w < float("inf") for w in self.weights.values()):
+            msg = f"tenant weights must be finite and > 0, got {self.weights}"
             raise ValueError(msg)
+        # a turn's quantum: weights scaled so the smallest sends at least one request a turn
+        self._unit = min([1.0, *self.weights.values()])
         self.fair = fair
         self._free = max_concurrency  # batches that may still go out
         self._queues: dict[str, deque[_Item]] = {}
@@ -90,7 +92,7 @@ class Batcher:
             tenant = self._turns[0]
             q = self._queues[tenant]
             if self._deficit.get(tenant, 0.0) < 1.0:
-                self._deficit[tenant] = self._deficit.get(tenant, 0.0) + self.weights.get(tenant, 1.0)
+                self._deficit[tenant] = self._deficit.get(tenant, 0.0) + self.weights.get(tenant, 1.0) / self._unit
             while q and self._deficit[tenant] >= 1.0 and len(batch) < n:
                 item = q.popleft()
                 self._queued -= 1
@@ -98,9 +100,10 @@ class Batcher:
                     continue
                 batch.append(item)
                 self._deficit[tenant] -= 1.0
-            if not q:
+            if not q:  # forgotten until it sends again: tenants come and go with the data
                 self._turns.popleft()
-                self._deficit[tenant] = 0.0
+                del self._queues[tenant]
+                self._deficit.pop(tenant, None)
             elif self._deficit[tenant] < 1.0:
                 self._turns.rotate(-1)  # its turn is over; it keeps what it did not spend
         return batch
@@ -126,7 +129,7 @@ class Batcher:
                     fut.set_result(comp)
         finally:
             self._free += 1
-            self._dispatch(full_only=False)  # what queued while saturated has waited long enough
+            self._dispatch(full_only=False)  # a slot is free: what queued meanwhile goes now
 
     async def close(self) -> None:
         """Send what is queued and wait for every batch in flight."""

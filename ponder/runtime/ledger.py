@@ -3,8 +3,9 @@
 Per tenant and tier: calls, prompt / cached / completion tokens, USD spent and USD reserved
 for calls in flight; per budget: its cap, its current window's start, spent, reserved and
 remaining. Written to a temporary file and renamed over the old one, so a reader never sees a
-half-written ledger. The figures are this process's since it started (a restarted worker
-starts again from zero: the decisions on the output topic are the durable record).
+half-written ledger. Spend per tenant and tier is this process's since it started (a restarted
+worker counts again from zero: the decisions on the output topic are the durable record); the
+budgets' accounts are the partitions' own, restored with them.
 """
 
 from __future__ import annotations

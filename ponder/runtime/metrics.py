@@ -70,11 +70,11 @@ class WorkerCollector(Collector):
         yield from families.values()
         yield reserved
         spent = GaugeMetricFamily("ponder_budget_spent_usd", "USD spent in the budget's window",
-                                  labels=["pipeline", "tenant", "tier", "per"])
+                                  labels=["pipeline", "budget", "tenant", "tier", "per"])
         left = GaugeMetricFamily("ponder_budget_remaining_usd", "USD left in the budget's window",
-                                 labels=["pipeline", "tenant", "tier", "per"])
-        for b in reasoner.budgets.state():
-            labels = [p, b["tenant"], b["tier"], b["per"]]
+                                 labels=["pipeline", "budget", "tenant", "tier", "per"])
+        for i, b in enumerate(reasoner.budgets.state()):
+            labels = [p, str(i), b["tenant"], b["tier"], b["per"]]
             spent.add_metric(labels, b["spent_usd"])
             if b["remaining_usd"] is not None:
                 left.add_metric(labels, b["remaining_usd"])

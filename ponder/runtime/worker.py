@@ -111,7 +111,7 @@ class Worker:
         self.partitions = Partitions(logic.new_state, store=store, open_store=open_store,
                                      changelog=changelog, max_hot_keys=max_hot_keys)
         budgets = logic.reasoner.budgets
-        if budgets and budgets.slices > 1:  # each partition's share of the caps moves with it
+        if budgets:  # each partition's share of the caps (all of them: one partition) moves with it
             self.partitions.bookkeeping = budgets.meta
             self.partitions.restored = budgets.restore
             self.partitions.released = budgets.forget

@@ -23,7 +23,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from ponder.connectors.base import MembershipUnsure, SinkError
 from ponder.connectors.kafka.fence import reset_connections, watch_lease
 from ponder.connectors.kafka.reader import read_to_end
-from ponder.types import DeadLetter, Decision, SourcePos, Trace
+from ponder.types import DEFAULT_TENANT, DeadLetter, Decision, SourcePos, Trace
 
 __all__ = ["KafkaSink"]
 
@@ -154,7 +154,8 @@ class KafkaSink:
         if self._suppressed("decisions", part, decision.decision_id):
             return
         headers = [("decision_id", decision.decision_id.encode())]
-        tenant = decision.headers.get("tenant")
+        # the decision's tenant when the pipeline has tenants; else whatever the input said
+        tenant = decision.tenant if decision.tenant != DEFAULT_TENANT else decision.headers.get("tenant")
         if tenant:
             headers.append(("tenant", tenant.encode()[:256]))
         key = decision.key.encode()
