@@ -189,7 +189,11 @@ def test_sigkill_soak_with_model_answers_in_flight(broker, tmp_path, worker_env,
             zip(("decisions", "states"), _local_run(model_probe(ref_model.url), _TopicReplay(records)))))
         ref.start()
         log = tmp_path / "final.log"
-        proc = start_worker(cmd, log)
+        # the run to the end is not killed: a normal session (a 2 s one leaves a 1 s membership
+        # lease, which a loaded 2-core machine can miss while this process runs the reference)
+        final = pipeline_worker_cmd("fault_pipelines:model_probe", broker, group="g-soak",
+                                    state_dir=tmp_path / "state", partitions=PARTS, topics="soak")
+        proc = start_worker(final, log)
         try:
             wait_committed(broker, "g-soak", "in-soak", ends, procs=[proc], timeout=120)
         finally:
