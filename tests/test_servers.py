@@ -174,27 +174,27 @@ async def test_500_validation_error_about_something_else_is_not_retried_but_a_cr
 
 
 async def test_a_one_slot_server_gets_one_request_at_a_time_and_queueing_does_not_count_as_a_stall():
-    # each answer streams over 0.4 s in small steps; a stall limit of 0.25 s would end any request
-    # whose wait in ponder's own queue (up to 1.2 s here) were counted
+    # each answer streams over 0.4 s in small steps; a stall limit of 0.6 s would end any request
+    # whose wait in ponder's own queue (up to 1.6 s here) were counted
     reply = lambda call: Reply(body=chat_reply(GOOD).body, delay_s=0.4, pace=True)  # noqa: E731
     with ScriptedOpenAIServer(reply, models=owned("me", "m")) as srv:
-        eng = OpenAIEngine(srv.url, "m", max_concurrency=16, stall_s=0.25, timeout_s=10.0)
-        out = await run(eng, [req(session=f"k{i}") for i in range(4)])
-    assert [c.error for c in out] == [None] * 4 and [c.text for c in out] == [GOOD] * 4
-    assert srv.max_inflight == 1 and len([c for c in srv.calls if c.path == "/v1/chat/completions"]) == 4
+        eng = OpenAIEngine(srv.url, "m", max_concurrency=16, stall_s=0.6, timeout_s=20.0)
+        out = await run(eng, [req(session=f"k{i}") for i in range(5)])
+    assert [c.error for c in out] == [None] * 5 and [c.text for c in out] == [GOOD] * 5
+    assert srv.max_inflight == 1 and len([c for c in srv.calls if c.path == "/v1/chat/completions"]) == 5
 
 
 async def test_a_stalled_stream_is_closed_before_the_retry_and_both_attempts_are_paid_for():
-    replies = [Reply(body=chat_reply(GOOD, prompt_tokens=100, completion_tokens=7).body, delay_s=1.0, stall_after=3),
+    replies = [Reply(body=chat_reply(GOOD, prompt_tokens=100, completion_tokens=7).body, delay_s=2.0, stall_after=3),
                chat_reply(GOOD, prompt_tokens=100, completion_tokens=7, cached=90)]
     with ScriptedOpenAIServer(replies, models=owned("acme", "m")) as srv:
-        eng = OpenAIEngine(srv.url, "m", stall_s=0.2, timeout_s=10.0, backoff_s=0.01)
+        eng = OpenAIEngine(srv.url, "m", stall_s=0.5, timeout_s=10.0, backoff_s=0.01)
         t0 = time.monotonic()
         (c,) = await run(eng, [req()])
         took = time.monotonic() - t0
-        await asyncio.sleep(1.5)  # the server notices the closed stream at its next writes
+        await asyncio.sleep(2.5)  # the server notices the closed stream at its next writes
         gone = srv.gone
-    assert c.error is None and c.text == GOOD and len(srv.calls) == 2 and took < 0.9
+    assert c.error is None and c.text == GOOD and len(srv.calls) == 2 and took < 1.8
     assert gone == 1  # the first attempt's stream was closed: the server stopped generating it
     # attempt 1 streamed the role event and two words before stalling: its prompt (estimated, by
     # characters) and those two chunks count too; attempt 2 reported its own usage
