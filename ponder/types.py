@@ -84,6 +84,13 @@ class Usage(msgspec.Struct, frozen=True):
     # no cached tokens, or a stream that ends without usage (inference/openai.py)
     estimated: bool = False
 
+    def __add__(self, other: Usage) -> Usage:
+        """Two calls' usage together (a decision's attempts, a forecast's calls)."""
+        return Usage(self.prompt_tokens + other.prompt_tokens,
+                     self.cached_prompt_tokens + other.cached_prompt_tokens,
+                     self.completion_tokens + other.completion_tokens, self.cost_usd + other.cost_usd,
+                     self.estimated or other.estimated)
+
 
 class Finding(msgspec.Struct, frozen=True):
     """One reason the gate found an event surprising."""

@@ -281,7 +281,7 @@ class OpenAIEngine:
             async with self._sem:
                 a = await self._attempt(body, deadline)
                 usage = await self._usage(req, a, deadline)
-            total = _add(total, usage)
+            total = total + usage
             if not a.error and a.status == 200:
                 return Completion(a.text, total, a.model or self.model, a.finish,
                                   enforced=body_enforced(body)), False
@@ -486,12 +486,6 @@ class OpenAIEngine:
 def body_enforced(body: dict[str, Any]) -> bool:
     """Whether a body asked the server to constrain the answer to the schema."""
     return any(k in body for k in ("response_format", "structured_outputs", "guided_json"))
-
-
-def _add(a: Usage, b: Usage) -> Usage:
-    return Usage(a.prompt_tokens + b.prompt_tokens, a.cached_prompt_tokens + b.cached_prompt_tokens,
-                 a.completion_tokens + b.completion_tokens, a.cost_usd + b.cost_usd,
-                 a.estimated or b.estimated)
 
 
 def common_prefix(a: str, b: str) -> int:

@@ -44,8 +44,11 @@ class Reasoner:
         self.schema = answer_schema(self.actions)
         self.head = ctx.header(self.policy, self.actions, self.schema)
 
-    def request(self, st: ctx.ContextState, event: Event, verdict: Verdict, tier: str) -> Request:
-        p = ctx.render(self.policy, st, self.head, verdict.findings)
+    def request(self, st: ctx.ContextState, event: Event, verdict: Verdict, tier: str,
+                prompt: ctx.Prompt | None = None) -> Request:
+        """The request for `tier`; `prompt`, if given, is the key's context already rendered
+        (the same for every tier of one decision)."""
+        p = prompt or ctx.render(self.policy, st, self.head, verdict.findings)
         spec = self.router.by_name[tier]
         return Request(event.key, p.prefix, p.tail, spec.max_tokens, self.actions, self.schema,
                        tuple(verdict.findings), verdict.score,
@@ -66,11 +69,17 @@ class Reasoner:
         skipped: list[str] = []  # tiers passed over without a call, and why
         holds: dict[str, Hold] = {}  # a budget reservation per tier handed out, until its call ends
         tenant = event.tenant or DEFAULT_TENANT
+        rendered: list[ctx.Prompt] = []  # the context, rendered once for every tier tried
+
+        def request(tier: str) -> Request:
+            if not rendered:
+                rendered.append(ctx.render(self.policy, st, self.head, verdict.findings))
+            return self.request(st, event, verdict, tier, rendered[0])
 
         def claim(spec) -> str | None:
             if spec.name == "reflex" or not self.budgets:
                 return None
-            req = self.request(st, event, verdict, spec.name)
+            req = request(spec.name)
             worst = self.forecast.bound(spec.name, req.prefix, req.tail,
                                         req.max_tokens or answer_token_bound(self.schema))
             if isinstance(spec.engine, str) and spec.engine.startswith(("http://", "https://")):
@@ -92,10 +101,8 @@ class Reasoner:
         route: list[str] = []
         errors: list[str] = []
         spans: list[Span] = []
-        prompt_tokens = cached = completion_tokens = 0
-        cost = 0.0
-        estimated = False
-        predicted = [0, 0, 0, 0.0]  # prompt, cached, completion tokens and USD, before each call
+        used = Usage()  # every call's, failed ones too
+        predicted = Usage()  # the forecast before each call
         best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
         repair = ""  # set to ask the same tier again after an answer its server did not constrain
         try:
@@ -103,15 +110,12 @@ class Reasoner:
                 tried.add(tier)
                 route.append(tier)
                 spec = router.by_name[tier]
-                req = self.request(st, event, verdict, tier)
+                req = request(tier)
                 if repair:
                     req = msgspec.structs.replace(req, tail=req.tail + repair)
                 if tier != "reflex":
                     p = self.forecast.predict(tier, req.prefix, req.tail, event.key)
-                    predicted[0] += p.prompt_tokens
-                    predicted[1] += p.cached_prompt_tokens
-                    predicted[2] += p.completion_tokens
-                    predicted[3] += self._cost(spec, p)
+                    predicted += msgspec.structs.replace(p, cost_usd=self._cost(spec, p))
                 s0 = self.clock()
                 try:
                     comp = await call(tier, req)
@@ -119,24 +123,18 @@ class Reasoner:
                     comp = None
                     errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
                 spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
+                u = comp.usage if comp is not None else Usage()
+                usd = u.cost_usd or self._cost(spec, u)
                 if comp is not None:
                     # every attempt is paid for, failed ones too
-                    u = comp.usage
-                    prompt_tokens += u.prompt_tokens
-                    cached += u.cached_prompt_tokens
-                    completion_tokens += u.completion_tokens
-                    estimated = estimated or u.estimated
-                    usd = u.cost_usd or self._cost(spec, u)
-                    cost += usd
+                    used += msgspec.structs.replace(u, cost_usd=usd)
                     self.spend.call(tenant, tier, u, usd)
                     if tier != "reflex":
                         self.forecast.observe(tier, req.prefix, req.tail, u, event.key)
                 if tier in holds:  # settled with what the call cost, nothing if it failed unused
-                    u = comp.usage if comp is not None else Usage()
                     hold = holds.pop(tier)
                     self.spend.reserve(tenant, tier, -hold.usd)
-                    self.budgets.settle(hold, usd=u.cost_usd or self._cost(spec, u),
-                                        tokens=u.prompt_tokens + u.completion_tokens)
+                    self.budgets.settle(hold, usd=usd, tokens=u.prompt_tokens + u.completion_tokens)
                 if comp is not None and comp.error:
                     errors.append(f"{tier}: {comp.error}"[:300])
                     comp = None
@@ -203,14 +201,14 @@ class Reasoner:
             confidence=confidence,
             tier=tier_used,
             model=model,
-            usage=Usage(prompt_tokens, cached, completion_tokens, round(cost, 8), estimated),
+            usage=msgspec.structs.replace(used, cost_usd=round(used.cost_usd, 8)),
             latency_ms=round((self.clock() - t0) * 1000.0, 3),
             degraded=degraded,
             evidence=evidence,
             ts=event.ts,
             source=event.source,
             trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped,
-                        Usage(predicted[0], predicted[1], predicted[2], round(predicted[3], 8))
-                        if predicted[0] else None),
+                        msgspec.structs.replace(predicted, cost_usd=round(predicted.cost_usd, 8))
+                        if predicted.prompt_tokens else None),
             headers=event.headers,
         )
