@@ -211,10 +211,11 @@ def test_sigkill_soak_with_model_answers_in_flight(broker, tmp_path, worker_env,
     assert not differ, f"{len(differ)} key states differ from the crash-free run: {differ[:5]}"
     # and it must not replay the stream from its start after every kill: a worker restarted
     # every few seconds still makes its progress durable
-    # (each restart spends seconds rejoining the group while the stream goes on: a quarter of
-    # the stream committed by the last kill shows progress; a worker that replays its busy keys
-    # from their first event after every kill commits a few percent)
-    assert sum(progress.values()) >= published // 4, \
+    # (each restart spends seconds rejoining the group while the stream goes on, longer on a
+    # loaded CI machine, where 21% was seen: a tenth of the stream committed by the last kill
+    # shows progress; a worker that replays its busy keys from their first event after every
+    # kill commits a few percent)
+    assert sum(progress.values()) >= published // 10, \
         f"committed only {progress} of {ends} by the last kill (published {published})"
 
 
