@@ -31,6 +31,12 @@ class Request(msgspec.Struct, frozen=True):
     gate_score: float = 0.0
     request_id: str = ""
     tenant: str = ""  # whose request: a saturated tier's queue is shared fairly by tenant
+    # test-time compute: `n` samples of this one prompt (a vote), each at `temperature` (None:
+    # the engine's own setting), sample i seeded with `seed + i` when `seed` is set; an engine
+    # that caches per session prefills the prompt once for all of them
+    n: int = 1
+    temperature: float | None = None
+    seed: int | None = None
 
     @property
     def prompt(self) -> str:
@@ -49,6 +55,9 @@ class Completion(msgspec.Struct, frozen=True):
     # the server constrained `text` to the request's schema; when it did not, a reasoner asks
     # once more with the validation error as a hint before giving up on the tier
     enforced: bool = True
+    # a request with n > 1: every sample's text, in order (`text` is the first); `usage` covers
+    # them all, the prompt counted once
+    samples: tuple[str, ...] = ()
 
 
 class EngineError(RuntimeError):
