@@ -12,11 +12,12 @@ from ponder.operators.context import ContextPolicy
 from ponder.operators.gate import GatePolicy, Rule
 from ponder.operators.price import Price
 from ponder.operators.route import TierSpec
+from ponder.operators.vote import Vote
 from ponder.pipelines.pipeline import Pipeline, load_pipeline
 from ponder.types import DeadLetter, Decision, Event, SourcePos, Usage
 
 __all__ = [
-    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "Budget", "ReflexRule",
+    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "Budget", "Vote", "ReflexRule",
     "ReflexEngine", "JsonlSource", "JsonlSink", "CsvSource", "CsvSink", "NabSource", "MemorySource",
     "MemorySink", "Event", "Decision", "DeadLetter", "SourcePos", "Usage",
 ]

@@ -120,6 +120,8 @@ class Trace(msgspec.Struct, frozen=True):
     # the usage and cost forecast before the model calls were made (operators/forecast.py),
     # summed over the calls; beside `Decision.usage` it shows how good the forecast was
     predicted: Usage | None = None
+    # a tier's vote (operators/vote.py): samples per action, "(invalid)" for abstentions
+    vote: dict[str, int] | None = None
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -6,9 +6,10 @@ operator stays free of runtime imports and can run inside another stream process
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import msgspec
 
@@ -20,6 +21,7 @@ from ponder.operators.forecast import Forecast
 from ponder.operators.spend import Spend
 from ponder.operators.gate import Verdict
 from ponder.operators.route import Router
+from ponder.operators.vote import Tally
 from ponder.types import DEFAULT_TENANT, Decision, Event, Span, Trace, Usage, answer_schema, decision_id
 
 __all__ = ["Reasoner", "Call"]
@@ -70,21 +72,32 @@ class Reasoner:
         holds: dict[str, Hold] = {}  # a budget reservation per tier handed out, until its call ends
         tenant = event.tenant or DEFAULT_TENANT
         rendered: list[ctx.Prompt] = []  # the context, rendered once for every tier tried
+        did = decision_id(event.key, event.source)
+        # the vote's samples are seeded from the decision, so a replayed event draws the same ones
+        seed = int.from_bytes(hashlib.blake2b(did.encode(), digest_size=4).digest(), "big") >> 1
 
         def request(tier: str) -> Request:
             if not rendered:
                 rendered.append(ctx.render(self.policy, st, self.head, verdict.findings))
             return self.request(st, event, verdict, tier, rendered[0])
 
-        def claim(spec) -> str | None:
+        def samples_at(spec) -> int:
+            """Samples the first call at a tier draws: a vote's first round, or one."""
+            v = spec.vote
+            return Tally(v.n).next_draw() if v is not None and v.at_once(verdict.score) else 1
+
+        def claim(spec, n: int = 0) -> str | None:
             if spec.name == "reflex" or not self.budgets:
                 return None
+            n = n or samples_at(spec)
             req = request(spec.name)
             worst = self.forecast.bound(spec.name, req.prefix, req.tail,
                                         req.max_tokens or answer_token_bound(self.schema))
+            worst = Usage(worst.prompt_tokens, 0, worst.completion_tokens * n)
             if isinstance(spec.engine, str) and spec.engine.startswith(("http://", "https://")):
-                # the engine may retry a transient failure, and every attempt is paid for
-                worst = Usage(worst.prompt_tokens * (1 + spec.retries), 0,
+                # the engine may retry a transient failure, and every attempt is paid for; a
+                # server without `n` is sent n requests, each prompt paid for
+                worst = Usage(worst.prompt_tokens * n * (1 + spec.retries), 0,
                               worst.completion_tokens * (1 + spec.retries))
             hold, why = self.budgets.reserve(
                 tenant, spec.name, tokens=worst.prompt_tokens + worst.completion_tokens,
@@ -95,14 +108,66 @@ class Reasoner:
                 self.spend.reserve(tenant, spec.name, hold.usd)
             return why
 
-        tier = router.first(verdict.score, need, skipped, claim)
-        degraded = tier != router.wanted(verdict.score)
-        tried: set[str] = set()
         route: list[str] = []
         errors: list[str] = []
         spans: list[Span] = []
         used = Usage()  # every call's, failed ones too
         predicted = Usage()  # the forecast before each call
+
+        async def attempt(tier: str, spec, req: Request) -> Completion | None:
+            """One call at `tier`: forecast, call, pay, learn, settle its reservation. None if
+            it failed (the error recorded)."""
+            nonlocal used, predicted
+            if tier != "reflex":
+                p = self.forecast.predict(tier, req.prefix, req.tail, event.key)
+                p = Usage(p.prompt_tokens, p.cached_prompt_tokens, p.completion_tokens * req.n)
+                predicted += msgspec.structs.replace(p, cost_usd=self._cost(spec, p))
+            s0 = self.clock()
+            try:
+                comp = await call(tier, req)
+            except Exception as e:  # noqa: BLE001 - any backend failure downgrades
+                comp = None
+                errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
+            spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
+            u = comp.usage if comp is not None else Usage()
+            usd = u.cost_usd or self._cost(spec, u)
+            if comp is not None:
+                # every attempt is paid for, failed ones too
+                used += msgspec.structs.replace(u, cost_usd=usd)
+                self.spend.call(tenant, tier, u, usd)
+                if tier != "reflex":  # the forecast learns what one sample costs
+                    one = msgspec.structs.replace(u, completion_tokens=u.completion_tokens // max(req.n, 1))
+                    self.forecast.observe(tier, req.prefix, req.tail, one, event.key)
+            if tier in holds:  # settled with what the call cost, nothing if it failed unused
+                hold = holds.pop(tier)
+                self.spend.reserve(tenant, tier, -hold.usd)
+                self.budgets.settle(hold, usd=usd, tokens=u.prompt_tokens + u.completion_tokens)
+            if comp is not None and comp.error:
+                errors.append(f"{tier}: {comp.error}"[:300])
+                comp = None
+            return comp
+
+        async def vote(tier: str, spec, req: Request, tally: Tally) -> Any | None:
+            """Draw rounds of samples until the vote is decided (or the budget or the engine
+            stops it); the winning answer, None if no sample was valid."""
+            while not tally.decided():
+                n = tally.next_draw()
+                why = claim(spec, n)
+                if why is not None:
+                    skipped.append(f"{tier}: vote stopped after {tally.drawn} samples: {why}")
+                    break
+                comp = await attempt(tier, spec, msgspec.structs.replace(
+                    req, n=n, temperature=spec.vote.temperature, seed=seed + tally.drawn))
+                if comp is None:
+                    break
+                tally.add([parse_answer(t, self.actions)[0] for t in (comp.samples or (comp.text,))[:n]])
+            votes.append(tally.counts())
+            return tally.winner()
+
+        tier = router.first(verdict.score, need, skipped, claim)
+        degraded = tier != router.wanted(verdict.score)
+        tried: set[str] = set()
+        votes: list[dict[str, int]] = []
         best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
         repair = ""  # set to ask the same tier again after an answer its server did not constrain
         try:
@@ -113,31 +178,10 @@ class Reasoner:
                 req = request(tier)
                 if repair:
                     req = msgspec.structs.replace(req, tail=req.tail + repair)
-                if tier != "reflex":
-                    p = self.forecast.predict(tier, req.prefix, req.tail, event.key)
-                    predicted += msgspec.structs.replace(p, cost_usd=self._cost(spec, p))
-                s0 = self.clock()
-                try:
-                    comp = await call(tier, req)
-                except Exception as e:  # noqa: BLE001 - any backend failure downgrades
-                    comp = None
-                    errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
-                spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
-                u = comp.usage if comp is not None else Usage()
-                usd = u.cost_usd or self._cost(spec, u)
-                if comp is not None:
-                    # every attempt is paid for, failed ones too
-                    used += msgspec.structs.replace(u, cost_usd=usd)
-                    self.spend.call(tenant, tier, u, usd)
-                    if tier != "reflex":
-                        self.forecast.observe(tier, req.prefix, req.tail, u, event.key)
-                if tier in holds:  # settled with what the call cost, nothing if it failed unused
-                    hold = holds.pop(tier)
-                    self.spend.reserve(tenant, tier, -hold.usd)
-                    self.budgets.settle(hold, usd=usd, tokens=u.prompt_tokens + u.completion_tokens)
-                if comp is not None and comp.error:
-                    errors.append(f"{tier}: {comp.error}"[:300])
-                    comp = None
+                first = 1 if repair else samples_at(spec)
+                if first > 1:  # a vote from the first call
+                    req = msgspec.structs.replace(req, n=first, temperature=spec.vote.temperature, seed=seed)
+                comp = await attempt(tier, spec, req)
                 if comp is None:
                     if tier == "reflex":
                         answer = None
@@ -150,10 +194,20 @@ class Reasoner:
                     repair = ""
                     continue
                 router.succeeded(tier, comp.usage.prompt_tokens + comp.usage.completion_tokens)
-                answer, err = parse_answer(comp.text, self.actions)
+                if first > 1:
+                    tally = Tally(spec.vote.n)
+                    tally.add([parse_answer(t, self.actions)[0] for t in (comp.samples or (comp.text,))[:first]])
+                    answer = await vote(tier, spec, request(tier), tally)
+                    err = None if answer is not None else f"no valid answer among {tally.drawn} samples"
+                else:
+                    answer, err = parse_answer(comp.text, self.actions)
+                    if answer is not None and spec.vote is not None and spec.vote.checks(answer):
+                        tally = Tally(spec.vote.n)
+                        tally.add([answer])  # the first answer takes part in the vote it called
+                        answer = await vote(tier, spec, request(tier), tally)
                 if answer is None:
                     errors.append(f"{tier}: {err}"[:300])
-                    if not comp.enforced and not repair and claim(spec) is None:
+                    if not comp.enforced and not repair and first == 1 and claim(spec, 1) is None:
                         repair = ctx.repair_note(err or "")  # once per tier, if the budget allows
                         continue
                     repair = ""
@@ -192,7 +246,7 @@ class Reasoner:
             action, severity, reason, confidence = a.action, a.severity, a.reason, a.confidence
         evidence = {f.field: f.value for f in verdict.findings[:8] if f.value is not None}
         return Decision(
-            decision_id=decision_id(event.key, event.source),
+            decision_id=did,
             key=event.stream_key,
             tenant=event.tenant or DEFAULT_TENANT,
             action=action,
@@ -209,6 +263,7 @@ class Reasoner:
             source=event.source,
             trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped,
                         msgspec.structs.replace(predicted, cost_usd=round(predicted.cost_usd, 8))
-                        if predicted.prompt_tokens else None),
+                        if predicted.prompt_tokens else None,
+                        votes[-1] if votes else None),
             headers=event.headers,
         )

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 
 from ponder.inference.servers import ServerProfile
 from ponder.operators.price import Price
+from ponder.operators.vote import Vote
 
 __all__ = ["TierSpec", "Router", "TIER_ORDER", "SKIP_OPEN", "SKIP_PROBING", "SKIP_BUDGET"]
 
@@ -65,6 +66,8 @@ class TierSpec:
     :param price: what its tokens cost (operators/price.py); a decision's `usage.cost_usd` is
         computed from it exactly, cached prompt tokens at the cached price. Without one, the
         flat `cost_per_1k_tokens` applies to every token.
+    :param vote: test-time compute for high-stakes events: several samples and a majority vote
+        on the action (operators/vote.py).
     """
 
     name: str
@@ -86,6 +89,7 @@ class TierSpec:
     extra_body: Mapping[str, Any] | None = None
     stall_s: float | None = None
     retries: int = 2  # an http(s) engine's retries of a transient failure, within `timeout_s`
+    vote: Vote | None = None
 
     def __post_init__(self) -> None:
         if self.name not in TIER_ORDER:
