@@ -1,7 +1,9 @@
 """Simulate a fleet of IoT devices: keyed telemetry with labelled incidents.
 
 Everything is a pure function of the arguments, so a benchmark can be rerun and scored against
-the same truth. Every device reads once inside each step's interval, so the stream is produced in
+the same truth. With `tenants`, the devices are split into that many contiguous blocks, one per
+tenant (acme, globex, ...), and every event names its device's tenant in a `tenant` field; the
+readings and incidents are the same as without. Every device reads once inside each step's interval, so the stream is produced in
 blocks of whole steps, each sorted on its own, and a million events never sit in memory at once.
 """
 
@@ -18,6 +20,8 @@ import numpy as np
 __all__ = [
     "FIELDS",
     "KINDS",
+    "TENANT_NAMES",
+    "tenant_names",
     "Incident",
     "SimSummary",
     "Fleet",
@@ -43,6 +47,7 @@ DURATIONS = {
     "dropout": (30, 120),
 }
 KINDS = tuple(DURATIONS)
+TENANT_NAMES = ("acme", "globex", "initech", "umbrella")  # then tenant-4, tenant-5, ...
 
 _SECOND_INCIDENT = 0.15  # chance a device with an incident gets another one
 _GAP = 50  # events kept clean between two incidents of a device, so their windows never merge
@@ -70,6 +75,7 @@ class SimSummary(msgspec.Struct, frozen=True):
     by_kind: dict[str, int]
     events_path: str
     truth_path: str
+    tenants: tuple[str, ...] = ()
 
 
 class _Plan(msgspec.Struct):
@@ -85,7 +91,7 @@ class _Plan(msgspec.Struct):
 
 
 def _validate(devices: int, events_per_device: int, seed: int, interval_s: float,
-              incident_rate: float, start_ts: float) -> None:
+              incident_rate: float, start_ts: float, tenants: int) -> None:
     if devices < 1:
         msg = f"devices must be >= 1, got {devices}"
         raise ValueError(msg)
@@ -105,6 +111,14 @@ def _validate(devices: int, events_per_device: int, seed: int, interval_s: float
     if not math.isfinite(start_ts):
         msg = f"start_ts must be finite, got {start_ts}"
         raise ValueError(msg)
+    if not 0 <= tenants <= devices:
+        msg = f"tenants must be within [0, devices={devices}] (each tenant owns a device), got {tenants}"
+        raise ValueError(msg)
+
+
+def tenant_names(n: int) -> tuple[str, ...]:
+    """The first `n` tenant names."""
+    return tuple(TENANT_NAMES[i] if i < len(TENANT_NAMES) else f"tenant-{i}" for i in range(n))
 
 
 def _unit_hash(salt: np.uint64, devs: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -125,14 +139,17 @@ class Fleet:
 
     def __init__(self, devices: int, events_per_device: int, seed: int, *,
                  interval_s: float = 10.0, incident_rate: float = 0.35,
-                 start_ts: float = 1_764_000_000.0) -> None:
-        _validate(devices, events_per_device, seed, interval_s, incident_rate, start_ts)
+                 start_ts: float = 1_764_000_000.0, tenants: int = 0) -> None:
+        _validate(devices, events_per_device, seed, interval_s, incident_rate, start_ts, tenants)
         self.devices = devices
         self.events_per_device = events_per_device
         self.seed = seed
         self.interval_s = float(interval_s)
         self.incident_rate = float(incident_rate)
         self.start_ts = float(start_ts)
+        self.tenants = tenant_names(tenants)
+        # contiguous blocks of devices: drawing nothing, so tenants leave the readings unchanged
+        self._tenant_of = [self.tenants[i * tenants // devices] for i in range(devices)] if tenants else []
         # Separate streams, so the incident plan does not depend on how noise is blocked.
         plan_ss, self._noise_ss = np.random.SeedSequence(seed).spawn(2)
         rng = np.random.default_rng(plan_ss)
@@ -275,6 +292,10 @@ class Fleet:
                 for k, t, a, b, c, h in zip(flat_dev[order].tolist(), ts.ravel()[order].tolist(),
                                             *cols)
             ]
+            if self._tenant_of:
+                owner = self._tenant_of
+                for k, ev in zip(flat_dev[order].tolist(), batch):
+                    ev["tenant"] = owner[k]
             for r in np.flatnonzero(faulty).tolist():
                 ev = batch[r]
                 ev["status"] = "sensor_fault"
@@ -289,7 +310,10 @@ class Fleet:
             yield from batch
 
     def truth(self) -> dict[str, Any]:
-        """Return the truth record: run parameters and every incident, sorted by (start, key)."""
+        """Return the truth record: run parameters and every incident, sorted by (start, key);
+        with tenants, also each tenant's devices."""
+        extra = {"tenants": {t: [k for k, o in zip(self.keys, self._tenant_of) if o == t] for t in self.tenants}
+                 } if self.tenants else {}
         return {
             "seed": self.seed,
             "devices": self.devices,
@@ -299,6 +323,7 @@ class Fleet:
             "start_ts": self.start_ts,
             "incident_rate": self.incident_rate,
             "incidents": [msgspec.structs.asdict(i) for i in self.incidents],
+            **extra,
         }
 
 
@@ -315,10 +340,10 @@ def incidents(devices: int, events_per_device: int, seed: int, **kwargs: Any) ->
 
 def simulate(devices: int, events_per_device: int, seed: int, out_dir: Path, *,
              interval_s: float = 10.0, incident_rate: float = 0.35,
-             start_ts: float = 1_764_000_000.0) -> SimSummary:
+             start_ts: float = 1_764_000_000.0, tenants: int = 0) -> SimSummary:
     """Write `events.jsonl` and `truth.json` for a seeded fleet into `out_dir`."""
     fleet = Fleet(devices, events_per_device, seed, interval_s=interval_s,
-                  incident_rate=incident_rate, start_ts=start_ts)
+                  incident_rate=incident_rate, start_ts=start_ts, tenants=tenants)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     events_path, truth_path = out / "events.jsonl", out / "truth.json"
@@ -330,4 +355,5 @@ def simulate(devices: int, events_per_device: int, seed: int, out_dir: Path, *,
     for inc in fleet.incidents:
         by_kind[inc.kind] += 1
     return SimSummary(events=fleet.events, devices=devices, incidents=len(fleet.incidents),
-                      by_kind=by_kind, events_path=str(events_path), truth_path=str(truth_path))
+                      by_kind=by_kind, events_path=str(events_path), truth_path=str(truth_path),
+                      tenants=fleet.tenants)
