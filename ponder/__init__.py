@@ -11,13 +11,15 @@ from ponder.operators.budget import Budget
 from ponder.operators.context import ContextPolicy
 from ponder.operators.gate import GatePolicy, Rule
 from ponder.operators.price import Price
+from ponder.operators.privacy import FieldRule, Policy, Privacy
 from ponder.operators.route import TierSpec
 from ponder.operators.vote import Vote
 from ponder.pipelines.pipeline import Pipeline, load_pipeline
 from ponder.types import DeadLetter, Decision, Event, SourcePos, Usage
 
 __all__ = [
-    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "Budget", "Vote", "ReflexRule",
+    "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "Budget", "Vote", "Privacy", "Policy",
+    "FieldRule", "ReflexRule",
     "ReflexEngine", "JsonlSource", "JsonlSink", "CsvSource", "CsvSink", "NabSource", "MemorySource",
     "MemorySink", "Event", "Decision", "DeadLetter", "SourcePos", "Usage",
 ]

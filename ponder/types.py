@@ -122,6 +122,8 @@ class Trace(msgspec.Struct, frozen=True):
     predicted: Usage | None = None
     # a tier's vote (operators/vote.py): samples per action, "(invalid)" for abstentions
     vote: dict[str, int] | None = None
+    # the privacy policy's changes to the triggering event (field -> action), never values
+    privacy: dict[str, str] | None = None
 
 
 class Decision(msgspec.Struct, frozen=True):

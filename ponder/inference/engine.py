@@ -37,6 +37,12 @@ class Request(msgspec.Struct, frozen=True):
     n: int = 1
     temperature: float | None = None
     seed: int | None = None
+    # residency: this key's context holds data that must not leave the premises; only a local
+    # engine may take it (inference/egress.py refuses it at every remote one)
+    local_only: bool = False
+    # a server's prefix-cache namespace (vLLM `cache_salt`): set per tenant at the egress, so
+    # one tenant can never hit, time or evict another's cached prefixes
+    salt: str = ""
 
     @property
     def prompt(self) -> str:

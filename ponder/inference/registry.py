@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
+from ponder.inference.egress import Egress
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexEngine, ReflexRule
 from ponder.inference.servers import ServerProfile
@@ -24,14 +25,15 @@ def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), defaul
                  name: str = "", model: str = "", max_batch: int = 8, max_concurrency: int = 4,
                  timeout_s: float = 30.0, server: str | ServerProfile = "auto",
                  extra_body: Mapping[str, Any] | None = None, stall_s: float | None = None,
-                 retries: int = 2) -> Engine:
+                 retries: int = 2, trusted_local: bool = False, privacy_key: bytes | None = None) -> Engine:
     """Build the engine a spec names (the keyword arguments are a tier's settings).
 
     * `reflex`: the rule engine;
     * `jax:PATH`: the checkpoint directory PATH run in process (JaxEngine, chat layout);
     * `http://…` / `https://…`: any OpenAI-compatible server (vLLM, llama.cpp, `ponder
       serve-model`), with the tier's `server` profile and `extra_body`; the API key, if any,
-      comes from $PONDER_API_KEY;
+      comes from $PONDER_API_KEY. Behind the privacy door (inference/egress.py, keyed by
+      `privacy_key`) unless `trusted_local` (a box on the premises);
     * an Engine instance is used as is.
     """
     if not isinstance(spec, str):
@@ -51,9 +53,10 @@ def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), defaul
     if spec.startswith(("http://", "https://")):
         from ponder.inference.openai import OpenAIEngine
 
-        return OpenAIEngine(spec, model, server=server, extra_body=dict(extra_body or {}),
-                            max_concurrency=max_batch * max_concurrency, timeout_s=timeout_s * _DEADLINE_SHARE,
-                            stall_s=stall_s, retries=retries, tier=name, api_key=os.environ.get("PONDER_API_KEY"))
+        engine = OpenAIEngine(spec, model, server=server, extra_body=dict(extra_body or {}),
+                              max_concurrency=max_batch * max_concurrency, timeout_s=timeout_s * _DEADLINE_SHARE,
+                              stall_s=stall_s, retries=retries, tier=name, api_key=os.environ.get("PONDER_API_KEY"))
+        return engine if trusted_local else Egress(engine, privacy_key)
     msg = (f"unknown engine spec {spec!r}: expected 'reflex', 'jax:PATH', an http(s):// URL of an "
            "OpenAI-compatible server, or an Engine instance")
     raise ValueError(msg)

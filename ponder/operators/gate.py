@@ -238,6 +238,8 @@ class Verdict(msgspec.Struct, frozen=True):
     escalate: bool
     findings: list[Finding]
     reason: str = ""
+    # what the privacy policy withheld or transformed in this event: field -> action, no values
+    privacy: dict[str, str] = {}
 
 
 def new_state() -> GateState:

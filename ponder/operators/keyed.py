@@ -13,8 +13,10 @@ import msgspec
 
 from ponder.operators import context as ctx
 from ponder.operators import gate as gt
+from ponder.operators.pii import Placeholders
+from ponder.operators.privacy import Privacy
 from ponder.operators.reason import Call, Reasoner
-from ponder.types import Decision, Event
+from ponder.types import DEFAULT_TENANT, Decision, Event
 
 __all__ = ["KeyState", "KeyLogic"]
 
@@ -28,6 +30,10 @@ class KeyState(msgspec.Struct):
     partition: int = -1
     offset: int = -1
     epoch: int = 0  # the partition's epoch at that position (a log that started again)
+    # privacy (operators/privacy.py): the key's PII placeholders, and whether its context has
+    # ever held local-only data (then it stays local: the context still holds it)
+    placeholders: Placeholders | None = None
+    local: bool = False
 
 
 @dataclass
@@ -35,9 +41,12 @@ class KeyLogic:
     context: ctx.ContextPolicy
     gate: gt.GatePolicy
     reasoner: Reasoner
+    privacy: Privacy | None = None
 
     def new_state(self, key: str) -> KeyState:
-        return KeyState(ctx.new_state(key), gt.new_state())
+        # with a privacy policy, prompts name the key by a keyed pseudonym, never the key
+        shown = key if self.privacy is None else self.privacy.pseudonym(key)
+        return KeyState(ctx.new_state(shown), gt.new_state())
 
     def observe(self, st: KeyState, event: Event) -> gt.Verdict:
         """Score the event against the key's past, then fold it into the context.
@@ -48,9 +57,21 @@ class KeyLogic:
         verdict = gt.observe(self.gate, st.gate, event)
         flag = ",".join(sorted({f.kind for f in verdict.findings if f.score >= self.gate.open})) \
             if verdict.escalate else ""
+        if self.privacy is not None:  # the context, and so every prompt, holds only what the policy lets through
+            event, verdict = self._private(st, event, verdict)
         ctx.update(self.context, st.context, event, flag)
         st.partition, st.offset, st.epoch = event.source.partition, event.source.offset, event.source.epoch
         return verdict
+
+    def _private(self, st: KeyState, event: Event, verdict: gt.Verdict) -> tuple[Event, gt.Verdict]:
+        tenant = event.tenant or DEFAULT_TENANT
+        ph = st.placeholders if st.placeholders is not None else Placeholders()
+        payload, applied = self.privacy.payload(tenant, event.payload, ph)
+        findings = self.privacy.findings(tenant, verdict.findings, ph)
+        st.placeholders = ph
+        st.local = st.local or applied.local or self.privacy.key_is_local(tenant, event.stream_key)
+        return (msgspec.structs.replace(event, payload=payload),
+                msgspec.structs.replace(verdict, findings=findings, privacy=applied.changes))
 
     @staticmethod
     def seen(st: KeyState, event: Event) -> bool:
@@ -60,4 +81,4 @@ class KeyLogic:
         return st.partition == src.partition and st.epoch == src.epoch and src.offset <= st.offset
 
     async def decide(self, st: KeyState, event: Event, verdict: gt.Verdict, call: Call) -> Decision:
-        return await self.reasoner.decide(st.context, event, verdict, call)
+        return await self.reasoner.decide(st.context, event, verdict, call, local=st.local)

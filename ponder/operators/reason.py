@@ -20,7 +20,7 @@ from ponder.operators.decide import parse_answer
 from ponder.operators.forecast import Forecast
 from ponder.operators.spend import Spend
 from ponder.operators.gate import Verdict
-from ponder.operators.route import Router
+from ponder.operators.route import SKIP_RESIDENCY, Router
 from ponder.operators.vote import Tally
 from ponder.types import DEFAULT_TENANT, Decision, Event, Span, Trace, Usage, answer_schema, decision_id
 
@@ -47,14 +47,14 @@ class Reasoner:
         self.head = ctx.header(self.policy, self.actions, self.schema)
 
     def request(self, st: ctx.ContextState, event: Event, verdict: Verdict, tier: str,
-                prompt: ctx.Prompt | None = None) -> Request:
+                prompt: ctx.Prompt | None = None, local: bool = False) -> Request:
         """The request for `tier`; `prompt`, if given, is the key's context already rendered
         (the same for every tier of one decision)."""
         p = prompt or ctx.render(self.policy, st, self.head, verdict.findings)
         spec = self.router.by_name[tier]
         return Request(event.key, p.prefix, p.tail, spec.max_tokens, self.actions, self.schema,
                        tuple(verdict.findings), verdict.score,
-                       decision_id(event.key, event.source), event.tenant or DEFAULT_TENANT)
+                       decision_id(event.key, event.source), event.tenant or DEFAULT_TENANT, local_only=local)
 
     @staticmethod
     def _cost(spec, u: Usage) -> float:
@@ -63,8 +63,10 @@ class Reasoner:
             return spec.price.cost(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens)
         return (u.prompt_tokens + u.completion_tokens) * spec.cost_per_1k_tokens / 1000.0
 
-    async def decide(self, st: ctx.ContextState, event: Event, verdict: Verdict, call: Call) -> Decision:
-        """Walk the tiers until one gives a valid, confident enough answer."""
+    async def decide(self, st: ctx.ContextState, event: Event, verdict: Verdict, call: Call,
+                     local: bool = False) -> Decision:
+        """Walk the tiers until one gives a valid, confident enough answer. `local`: the key's
+        context holds local-only data, so remote tiers are skipped (and refused at the egress)."""
         t0 = self.clock()
         router = self.router
         need = self.policy.token_budget
@@ -79,7 +81,7 @@ class Reasoner:
         def request(tier: str) -> Request:
             if not rendered:
                 rendered.append(ctx.render(self.policy, st, self.head, verdict.findings))
-            return self.request(st, event, verdict, tier, rendered[0])
+            return self.request(st, event, verdict, tier, rendered[0], local)
 
         def samples_at(spec) -> int:
             """Samples the first call at a tier draws: a vote's first round, or one."""
@@ -87,6 +89,8 @@ class Reasoner:
             return Tally(v.n).next_draw() if v is not None and v.at_once(verdict.score) else 1
 
         def claim(spec, n: int = 0) -> str | None:
+            if local and not spec.is_local:
+                return SKIP_RESIDENCY
             if spec.name == "reflex" or not self.budgets:
                 return None
             n = n or samples_at(spec)
@@ -264,6 +268,6 @@ class Reasoner:
             trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped,
                         msgspec.structs.replace(predicted, cost_usd=round(predicted.cost_usd, 8))
                         if predicted.prompt_tokens else None,
-                        votes[-1] if votes else None),
+                        votes[-1] if votes else None, verdict.privacy or None),
             headers=event.headers,
         )

@@ -37,7 +37,7 @@ from ponder.inference.servers import ServerProfile
 from ponder.operators.price import Price
 from ponder.operators.vote import Vote
 
-__all__ = ["TierSpec", "Router", "TIER_ORDER", "SKIP_OPEN", "SKIP_PROBING", "SKIP_BUDGET"]
+__all__ = ["TierSpec", "Router", "TIER_ORDER", "SKIP_OPEN", "SKIP_PROBING", "SKIP_BUDGET", "SKIP_RESIDENCY"]
 
 TIER_ORDER = ("reflex", "edge", "cloud")
 
@@ -66,6 +66,9 @@ class TierSpec:
     :param price: what its tokens cost (operators/price.py); a decision's `usage.cost_usd` is
         computed from it exactly, cached prompt tokens at the cached price. Without one, the
         flat `cost_per_1k_tokens` applies to every token.
+    :param local: whether data sent to this tier stays on the premises. None: reflex, `jax:`
+        and Engine instances are local, http(s) servers remote; True marks a server as a
+        trusted edge box; False an Engine instance that ships data elsewhere.
     :param vote: test-time compute for high-stakes events: several samples and a majority vote
         on the action (operators/vote.py).
     """
@@ -90,6 +93,13 @@ class TierSpec:
     stall_s: float | None = None
     retries: int = 2  # an http(s) engine's retries of a transient failure, within `timeout_s`
     vote: Vote | None = None
+    local: bool | None = None
+
+    @property
+    def is_local(self) -> bool:
+        if self.local is not None:
+            return self.local
+        return not (isinstance(self.engine, str) and self.engine.startswith(("http://", "https://")))
 
     def __post_init__(self) -> None:
         if self.name not in TIER_ORDER:
@@ -110,6 +120,7 @@ Claim = Callable[["TierSpec"], "str | None"]
 SKIP_OPEN = "breaker open"
 SKIP_PROBING = "half-open probe in flight"
 SKIP_BUDGET = "token budget"
+SKIP_RESIDENCY = "residency: local-only data, remote tier"
 
 
 @dataclass

@@ -19,11 +19,13 @@ from typing import Callable, Mapping
 
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexRule
+from ponder.inference.egress import Egress
 from ponder.inference.registry import build_engine
 from ponder.operators.budget import Budget, Budgets
 from ponder.operators.context import ContextPolicy
 from ponder.operators.gate import GatePolicy
 from ponder.operators.keyed import KeyLogic
+from ponder.operators.privacy import Privacy
 from ponder.operators.reason import Reasoner
 from ponder.operators.route import Router, TierSpec
 from ponder.runtime.decode import Decoder
@@ -59,6 +61,10 @@ class Pipeline:
         case is reserved before it is sent, settled with its actual cost after.
     :param tenant_weights: shares of a saturated tier's queue (runtime/batcher.py); 1 each by
         default.
+    :param privacy: field policies, PII replacement and residency (operators/privacy.py):
+        applied where an event enters its key's context, so no prompt, trace or decision
+        carries what it withholds; remote tiers are reached only through the egress
+        (inference/egress.py).
     """
 
     name: str
@@ -80,6 +86,7 @@ class Pipeline:
     tenant: str | None = None
     budgets: tuple[Budget, ...] = ()
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    privacy: Privacy | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,14 +137,19 @@ class Pipeline:
         router = Router(self.tiers, clock=clock) if clock else Router(self.tiers)
         policy = self.context_policy()
         logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0],
-                                                     budgets=Budgets(self.budgets, slices=budget_slices)))
+                                                     budgets=Budgets(self.budgets, slices=budget_slices)),
+                         self.privacy if self.privacy is not None and self.privacy.active else None)
+        key = self.privacy.key if self.privacy is not None else None
         built = dict(engines or {})
         for t in self.tiers:
             if t.name not in built:
                 built[t.name] = build_engine(
                     t.engine, rules=self.reflex, default_action=self.actions[0], name=t.name, model=t.model,
                     max_batch=t.max_batch, max_concurrency=t.max_concurrency, timeout_s=t.timeout_s,
-                    server=t.server, extra_body=t.extra_body, stall_s=t.stall_s, retries=t.retries)
+                    server=t.server, extra_body=t.extra_body, stall_s=t.stall_s, retries=t.retries,
+                    trusted_local=t.is_local, privacy_key=key)
+            elif not t.is_local and not isinstance(built[t.name], Egress):
+                built[t.name] = Egress(built[t.name], key)  # a given engine for a remote tier: the same door
         # the router's clock is monotonic; event times are checked against the wall clock
         decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s, tenant=self.tenant)
         return logic, decoder, built
