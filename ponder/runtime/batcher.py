@@ -8,16 +8,28 @@ lanes and, through them, the source.
 Fair sharing. Queued requests wait in one queue per tenant. Each batch is formed by deficit
 round robin over the tenants with requests waiting: on its turn a tenant's deficit grows by its
 weight (default 1) and it sends one request per whole unit, FIFO within the tenant; a tenant
-whose queue empties starts its next turn from zero. So a tenant flooding a saturated tier
-delays the others by about one round, not by its whole backlog. `fair=False` serves one FIFO
-queue instead (the baseline the fairness benchmark measures against).
+whose queue empties starts its next turn from zero. So a flooding tenant's backlog delays the
+others by about one round, not by its whole length. `fair=False` serves one FIFO queue instead
+(the baseline the fairness benchmark measures against).
+
+Headroom. A round is not the whole delay: a batch holds its slot until the engine answers, and
+a flood keeps every slot busy, so another tenant's request would still wait for one of the
+flood's batches to end (up to a whole batch time: batches sent together end together). So the
+last free slot is kept for the tenants below their share of the slots, a share being
+`max_concurrency` times the tenant's weight over the active tenants' weights (active: requests
+queued or in flight, or answered within `linger_s`); a batch's slot counts for each of its
+tenants by its places in it. A tenant at or above its share takes that slot only behind the
+waiting tenants below theirs, filling their batch; while none waits but one was answered within
+`linger_s`, the slot stays free, so its next request finds one. A tenant alone uses every slot,
+and `linger_s` bounds the idling: the others lose at most one slot, and only while a tenant
+below its share is between requests (`linger_s=0`: never).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from typing import Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 
 from ponder.inference.engine import Completion, Engine, EngineError, Request
 
@@ -29,15 +41,21 @@ _Item = tuple[Request, "asyncio.Future[Completion]"]
 class Batcher:
     def __init__(self, engine: Engine, *, max_batch: int = 32, max_wait_s: float = 0.005,
                  max_concurrency: int = 4, timeout_s: float = 30.0,
-                 weights: Mapping[str, float] | None = None, fair: bool = True) -> None:
+                 weights: Mapping[str, float] | None = None, fair: bool = True,
+                 linger_s: float = 1.0) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.weights = dict(weights or {})
         if any(not 0 < w < float("inf") for w in self.weights.values()):
             msg = f"tenant weights must be finite and > 0, got {self.weights}"
             raise ValueError(msg)
+        if not 0 <= linger_s < float("inf"):
+            msg = f"linger_s must be finite and >= 0, got {linger_s}"
+            raise ValueError(msg)
+        self.linger_s = linger_s
         # a turn's quantum: weights scaled so the smallest sends at least one request a turn
         self._unit = min([1.0, *self.weights.values()])
         self.fair = fair
@@ -46,7 +64,12 @@ class Batcher:
         self._turns: deque[str] = deque()  # tenants with requests queued, in round-robin order
         self._deficit: dict[str, float] = {}
         self._queued = 0
+        self._sent = 0
+        self._flying: dict[int, Counter[str]] = {}  # batch in flight (by number sent) -> places by tenant
+        self._answered: dict[str, float] = {}  # tenant -> when its last batch came back, oldest first
+        self._closing = False
         self._timer: asyncio.TimerHandle | None = None
+        self._wake: asyncio.TimerHandle | None = None  # a kept slot's linger runs out
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.requests = 0
@@ -71,25 +94,76 @@ class Batcher:
         self._timer = None
         self._dispatch(full_only=False)
 
+    def _woke(self) -> None:
+        self._wake = None
+        # the queued requests have waited max_wait unless their timer is still pending
+        self._dispatch(full_only=self._timer is not None)
+
     def _dispatch(self, *, full_only: bool) -> None:
         """Send batches while a slot is free: full ones only, unless the oldest has waited."""
         while self._free > 0 and self._queued and (not full_only or self._queued >= self.max_batch):
-            batch = self._take(self.max_batch)
+            first = self._last_slot_claim() if self._free == 1 and not self._closing else None
+            if first is not None and not first:  # kept for a tenant between requests
+                break
+            batch = self._take(self.max_batch, only=first)
+            if first:  # those the slot is kept for go first; the others fill the batch
+                batch += self._take(self.max_batch - len(batch))
             if not batch:
                 continue
             self._free -= 1
-            task = asyncio.create_task(self._run(batch))
+            self._sent += 1
+            self._flying[self._sent] = Counter(r.tenant if self.fair else "" for r, _ in batch)
+            task = asyncio.create_task(self._run(batch, self._sent))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if not self._queued and self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _take(self, n: int) -> list[_Item]:
-        """Up to `n` requests by deficit round robin over the tenants' queues."""
+    def _last_slot_claim(self) -> set[str] | None:
+        """Whom the last free slot is for: None for anyone (plain DRR); else the waiting tenants
+        below their share, which go first, or, when none waits, an empty set: it is kept."""
+        self._forget_lingered(asyncio.get_running_loop().time())
+        held: Counter[str] = Counter()
+        for places in self._flying.values():
+            size = sum(places.values())
+            for tenant, n in places.items():
+                held[tenant] += n / size
+        active = self._queues.keys() | held.keys() | self._answered.keys()
+        if len(active) < 2:
+            return None
+        total = sum(self.weights.get(t, 1.0) for t in active)
+        # at or above its share already (one below it may take a slot that tips it over)
+        over = {t for t in self._queues if held[t] >= self.max_concurrency * self.weights.get(t, 1.0) / total}
+        if not over:
+            return None
+        under = self._queues.keys() - over
+        if under:
+            return set(under)
+        lingering = [at for t, at in self._answered.items() if t not in self._queues and t not in held]
+        if not lingering:
+            return None
+        if self._wake is None:  # when the first linger runs out, the slot may go to those waiting
+            self._wake = asyncio.get_running_loop().call_at(min(lingering) + self.linger_s, self._woke)
+        return set()
+
+    def _forget_lingered(self, now: float) -> None:
+        while self._answered:  # oldest first
+            tenant, at = next(iter(self._answered.items()))
+            if now - at < self.linger_s:
+                break
+            del self._answered[tenant]
+
+    def _take(self, n: int, only: set[str] | None = None) -> list[_Item]:
+        """Up to `n` requests by deficit round robin over the tenants' queues (over `only`'s,
+        the others keeping their places in the round)."""
         batch: list[_Item] = []
-        while len(batch) < n and self._turns:
-            tenant = self._turns[0]
+        i = 0
+        while len(batch) < n and i < len(self._turns):
+            tenant = self._turns[i]
+            if only is not None and tenant not in only:
+                i += 1
+                continue
             q = self._queues[tenant]
             if self._deficit.get(tenant, 0.0) < 1.0:
                 self._deficit[tenant] = self._deficit.get(tenant, 0.0) + self.weights.get(tenant, 1.0) / self._unit
@@ -101,14 +175,15 @@ class Batcher:
                 batch.append(item)
                 self._deficit[tenant] -= 1.0
             if not q:  # forgotten until it sends again: tenants come and go with the data
-                self._turns.popleft()
+                del self._turns[i]
                 del self._queues[tenant]
                 self._deficit.pop(tenant, None)
-            elif self._deficit[tenant] < 1.0:
-                self._turns.rotate(-1)  # its turn is over; it keeps what it did not spend
+            elif self._deficit[tenant] < 1.0:  # its turn is over; it keeps what it did not spend
+                del self._turns[i]
+                self._turns.append(tenant)
         return batch
 
-    async def _run(self, batch: Sequence[_Item]) -> None:
+    async def _run(self, batch: Sequence[_Item], number: int) -> None:
         self.batches += 1
         self.requests += len(batch)
         try:
@@ -128,11 +203,20 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(comp)
         finally:
+            now = asyncio.get_running_loop().time()
+            for tenant in self._flying.pop(number):  # re-inserted: the dict stays oldest first
+                self._answered.pop(tenant, None)
+                self._answered[tenant] = now
+            self._forget_lingered(now)  # bounded by the tenants answered within linger_s
             self._free += 1
             self._dispatch(full_only=False)  # a slot is free: what queued meanwhile goes now
 
     async def close(self) -> None:
         """Send what is queued and wait for every batch in flight."""
+        self._closing = True  # no one is left to keep a slot for
         self._dispatch(full_only=False)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
