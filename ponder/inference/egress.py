@@ -12,7 +12,9 @@ servers, the pipeline's build for given instances), so no code path reaches it a
    one stable id per key, for its prefix cache and `user` field, but never the key;
 3. the tenant's prefix-cache namespace (`salt`) is set, a keyed HMAC of the tenant, so one
    tenant's requests can never hit, time or evict another's cached prefixes (vLLM
-   `cache_salt`, `ponder serve-model`).
+   `cache_salt`, `ponder serve-model`);
+4. the tenant itself and a vote's sampling seed (derived from the decision id, so from the key)
+   are replaced by keyed HMACs too: nothing the engine is handed names the tenant or the key.
 
 The HMAC key is the pipeline's privacy key; without one, a random key per process (pseudonyms
 then change when the process restarts, which costs the server's cache, not privacy).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import msgspec
 
@@ -42,6 +44,9 @@ class Egress:
     local = False
 
     def __init__(self, inner: Engine, key: bytes | None = None) -> None:
+        if key is not None and not (isinstance(key, bytes) and key):
+            msg = f"Egress key must be non-empty bytes or None, got {type(key).__name__}"
+            raise TypeError(msg)
         self.inner, self.key = inner, key or _PROCESS_KEY
         self.name = inner.name
         self.refused = 0
@@ -49,6 +54,11 @@ class Egress:
     def pseudonym(self, text: str, purpose: str) -> str:
         return hmac.new(self.key, f"{purpose}\x1f{text}".encode("utf-8", "surrogatepass"),
                         hashlib.sha256).hexdigest()[:32]
+
+    def _seed(self, seed: int | None) -> int | None:
+        if seed is None:
+            return None
+        return int(self.pseudonym(str(seed), "seed")[:8], 16) >> 1  # 31 bits, like the reasoner's
 
     async def start(self) -> None:
         await self.inner.start()
@@ -65,7 +75,8 @@ class Egress:
                 out[i] = Completion("", Usage(), "", "error", REFUSED)
                 continue
             sent.append(msgspec.structs.replace(
-                r, session=self.pseudonym(r.session, "session"), salt=self.pseudonym(r.tenant, "tenant"),
+                r, session=self.pseudonym(r.session, "session"), salt=self.pseudonym(r.tenant, "salt"),
+                tenant=self.pseudonym(r.tenant, "tenant"), seed=self._seed(r.seed),
                 request_id=self.pseudonym(r.request_id, "request") if r.request_id else ""))
             where.append(i)
         if sent:
@@ -75,4 +86,6 @@ class Egress:
 
     def __getattr__(self, name: str):
         # the wrapped engine's own surface (profile, stats) stays readable through the door
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)

@@ -69,6 +69,9 @@ class KeyLogic:
         payload, applied = self.privacy.payload(tenant, event.payload, ph)
         findings = self.privacy.findings(tenant, verdict.findings, ph)
         st.placeholders = ph
+        shown = self.privacy.pseudonym(event.key)
+        if st.context.key != shown:  # a state from before the policy: prompts name it by pseudonym from now on
+            st.context.key = shown
         st.local = st.local or applied.local or self.privacy.key_is_local(tenant, event.stream_key)
         return (msgspec.structs.replace(event, payload=payload),
                 msgspec.structs.replace(verdict, findings=findings, privacy=applied.changes))

@@ -9,7 +9,8 @@ Per pipeline, overridable per tenant (`Privacy(default=Policy(...), tenants={"ac
 
 * `FieldRule(match, action)`: for each payload field whose name matches the glob (the first
   rule that matches wins; unmatched fields are kept):
-  `keep`; `drop` (the field is withheld); `mask` (present, value hidden: `"[masked]"`);
+  `keep`; `drop` (the field is withheld: a gate finding on it shows `[withheld]` for its
+  name); `mask` (present, value hidden: `"[masked]"`);
   `hash` (a keyed HMAC of tenant, field and value: equal values stay equal, so the model still
   sees repetition, and nobody without the key can reverse a small value space like an SSN);
   `coarsen` with `step` (numbers floored to a multiple of `step`, a `[lat, lon]` pair or a
@@ -34,10 +35,12 @@ import hashlib
 import hmac
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import msgspec
+import phonenumbers
 
 from ponder.operators import pii as _pii
 from ponder.types import Finding
@@ -46,6 +49,7 @@ __all__ = ["FieldRule", "Policy", "Privacy", "Applied", "privacy_key", "KEY_ENV"
 
 KEY_ENV, KEY_FILE_ENV = "PONDER_PRIVACY_KEY", "PONDER_PRIVACY_KEY_FILE"
 MASK = "[masked]"
+WITHHELD = "[withheld]"  # a dropped field's name, where a finding would show it
 _PROCESS_KEY = os.urandom(32)  # pseudonyms without a configured key: stable for this process
 Action = Literal["keep", "drop", "mask", "hash", "coarsen"]
 
@@ -57,11 +61,17 @@ class FieldRule(msgspec.Struct, frozen=True):
     local_only: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match:
+            msg = f"FieldRule: match must be a non-empty field name or glob, got {self.match!r}"
+            raise ValueError(msg)
         if self.action not in ("keep", "drop", "mask", "hash", "coarsen"):
             msg = f"FieldRule({self.match!r}): action must be keep, drop, mask, hash or coarsen, not {self.action!r}"
             raise ValueError(msg)
         if self.action == "coarsen" and not (self.step and self.step > 0 and math.isfinite(self.step)):
             msg = f"FieldRule({self.match!r}): coarsen needs a step > 0"
+            raise ValueError(msg)
+        if self.step is not None and self.action != "coarsen":
+            msg = f"FieldRule({self.match!r}): step is for coarsen only, not {self.action!r}"
             raise ValueError(msg)
 
 
@@ -75,6 +85,9 @@ class Policy(msgspec.Struct, frozen=True):
         unknown = set(self.pii) - _pii.ALL
         if unknown:
             msg = f"Policy.pii: unknown kinds {sorted(unknown)}; known: {list(_pii.KINDS)}"
+            raise ValueError(msg)
+        if _pii.PHONE in self.pii and self.region not in phonenumbers.SUPPORTED_REGIONS:
+            msg = f"Policy.region: unknown phone region {self.region!r}: use an ISO 3166 code such as 'US' or 'DE'"
             raise ValueError(msg)
 
     def rule(self, name: str) -> FieldRule | None:
@@ -103,7 +116,8 @@ def privacy_key(environ: Mapping[str, str] = os.environ) -> bytes | None:
     path = environ.get(KEY_FILE_ENV)
     if path:
         try:
-            data = open(path, "rb").read().strip()  # noqa: SIM115,PTH123 - a small secret file
+            with open(path, "rb") as fh:  # a small secret file
+                data = fh.read().strip()
         except OSError as e:
             msg = f"${KEY_FILE_ENV}={path!r} cannot be read: {e}"
             raise ValueError(msg) from e
@@ -116,14 +130,20 @@ def privacy_key(environ: Mapping[str, str] = os.environ) -> bytes | None:
 
 @dataclass
 class Privacy:
-    """A pipeline's privacy: a default policy, per-tenant overrides, local-only keys."""
+    """A pipeline's privacy: a default policy, per-tenant overrides, local-only keys.
+
+    A tenant's policy replaces the default whole (rules are not merged). Any Privacy, even one
+    with no rules, makes prompts name keys by pseudonym."""
 
     default: Policy = field(default_factory=Policy)
     tenants: Mapping[str, Policy] = field(default_factory=dict)
     local_keys: tuple[str, ...] = ()
-    key: bytes | None = None  # the HMAC key; None: read from the environment at build
+    key: bytes | None = None  # the HMAC key; None: read from the environment when constructed
 
     def __post_init__(self) -> None:
+        if self.key is not None and not (isinstance(self.key, bytes) and self.key):
+            msg = f"Privacy.key must be non-empty bytes, got {type(self.key).__name__}"
+            raise ValueError(msg)
         if self.key is None and self.needs_key:
             self.key = privacy_key()
             if self.key is None:
@@ -137,15 +157,17 @@ class Privacy:
 
     @property
     def active(self) -> bool:
-        return self.default != Policy() or bool(self.tenants) or bool(self.local_keys)
+        # always: a Privacy given at all asks for pseudonyms in prompts, rules or not
+        return True
 
     def policy(self, tenant: str) -> Policy:
         return self.tenants.get(tenant, self.default)
 
     def pseudonym(self, key: str) -> str:
-        """How prompts name a key: a keyed HMAC of the tenant-scoped key."""
-        return "k-" + hmac.new(self.key or _PROCESS_KEY, key.encode("utf-8", "surrogatepass"),
-                               hashlib.sha256).hexdigest()[:16]
+        """How prompts name a key: a keyed HMAC of the tenant-scoped key (its own purpose, so
+        it never equals another digest made with the same secret)."""
+        data = f"key\x1f{key}".encode("utf-8", "surrogatepass")
+        return "k-" + hmac.new(self.key or _PROCESS_KEY, data, hashlib.sha256).hexdigest()[:16]
 
     def key_is_local(self, tenant: str, key: str) -> bool:
         return self.policy(tenant).local_only or any(fnmatch.fnmatchcase(key, g) for g in self.local_keys)
@@ -154,7 +176,8 @@ class Privacy:
 
     def payload(self, tenant: str, payload: dict[str, Any], placeholders: _pii.Placeholders
                 ) -> tuple[dict[str, Any], Applied]:
-        """The payload a context may hold, and what was done to it."""
+        """The payload a context may hold, and what was done to it (field names in `changes`
+        are shown as a prompt would show them: PII in a name replaced too)."""
         p = self.policy(tenant)
         changes: dict[str, str] = {}
         local = False
@@ -172,7 +195,7 @@ class Privacy:
                 elif r.action != "drop":
                     out[name] = self._transform(r, tenant, name, v)
                 if r.action != "keep":
-                    changes[name] = r.action
+                    changes[self._name(p, name, placeholders)] = r.action
         src = payload if out is None else out
         if p.pii:
             counts: dict[str, int] = {}
@@ -186,24 +209,41 @@ class Privacy:
         return src, Applied(changes, local)
 
     def findings(self, tenant: str, findings: list[Finding], placeholders: _pii.Placeholders) -> list[Finding]:
-        """The gate's findings as a prompt or a decision may show them: a withheld field's
-        values removed, a transformed field's transformed, PII in them replaced."""
+        """The gate's findings as a prompt or a decision may show them: a dropped field's
+        name and values withheld, a masked field's values, a transformed field's values
+        transformed; a changed field's `detail` (which quotes values: residuals, means) gone;
+        PII in names, values and details replaced."""
         p = self.policy(tenant)
+        if not p.fields and not p.pii:
+            return findings
+        key = self.key or b""
         out = []
         for f in findings:
-            r = p.rule(f.field) if p.fields else None
+            # `*` names no payload field: gaps, and rules that name none
+            r = p.rule(f.field) if p.fields and f.field != "*" else None
             if r is not None and r.action != "keep":
-                if r.action in ("drop", "mask"):
+                if r.action == "drop":
+                    f = msgspec.structs.replace(f, field=WITHHELD, value=None, expected=None, detail="")
+                elif r.action == "mask":
                     f = msgspec.structs.replace(f, value=None, expected=None, detail="")
                 else:
                     f = msgspec.structs.replace(f, value=self._transform(r, tenant, f.field, f.value),
-                                                expected=self._transform(r, tenant, f.field, f.expected))
-            if p.pii and isinstance(f.value, str | dict | list) or p.pii and f.detail:
+                                                expected=self._transform(r, tenant, f.field, f.expected),
+                                                detail="")
+            if p.pii:
                 f = msgspec.structs.replace(
-                    f, value=_pii.scrub_value(f.value, placeholders, self.key or b"", p.pii, p.region),
-                    detail=_pii.scrub(f.detail, placeholders, self.key or b"", p.pii, p.region)[0])
+                    f, field=self._name(p, f.field, placeholders),
+                    value=_pii.scrub_value(f.value, placeholders, key, p.pii, p.region),
+                    expected=_pii.scrub_value(f.expected, placeholders, key, p.pii, p.region),
+                    detail=_pii.scrub(f.detail, placeholders, key, p.pii, p.region)[0])
             out.append(f)
         return out
+
+    def _name(self, p: Policy, name: str, placeholders: _pii.Placeholders) -> str:
+        """A field name as prompts and traces may show it (its PII replaced)."""
+        if not p.pii or not isinstance(name, str):
+            return name
+        return _pii.scrub(name, placeholders, self.key or b"", p.pii, p.region)[0]
 
     def _transform(self, r: FieldRule, tenant: str, name: str, v: Any) -> Any:
         if v is None:
@@ -211,9 +251,20 @@ class Privacy:
         if r.action == "mask":
             return MASK
         if r.action == "hash":
-            raw = msgspec.json.encode([tenant, name, v])
+            # 42 and 42.0 are one number (the gate reports values as floats): one digest
+            if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+                v = int(v)
+            raw = msgspec.json.encode([tenant, name, v], enc_hook=repr)
             return "h:" + hmac.new(self.key or _PROCESS_KEY, raw, hashlib.sha256).hexdigest()[:16]
         return _coarsen(v, r.step or 1.0)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _floor(v: float, step: float) -> float:
+    # v / step rounded first: 0.3 / 0.1 is 2.9999999999999996, and 0.3 belongs to bucket 3
+    return math.floor(round(v / step, 9)) * step
 
 
 def _coarsen(v: Any, step: float) -> Any:
@@ -224,7 +275,7 @@ def _coarsen(v: Any, step: float) -> Any:
     if isinstance(v, int | float):
         if not math.isfinite(v):
             return v
-        q = math.floor(v / step) * step
+        q = _floor(v, step)
         return int(q) if float(step).is_integer() and isinstance(v, int) else round(q, 9)
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
         return [_coarsen(x, step) for x in v]
@@ -232,11 +283,11 @@ def _coarsen(v: Any, step: float) -> Any:
         return {k: _coarsen(x, step) for k, x in v.items()}
     if isinstance(v, str):
         try:
-            t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-        except ValueError:
+            t = dt.datetime.fromisoformat(v)  # `Z` included (Python 3.11)
+            if t.tzinfo is None:
+                t = t.replace(tzinfo=dt.UTC)
+            bucket = _EPOCH + dt.timedelta(seconds=_floor((t - _EPOCH).total_seconds(), step))
+        except (ValueError, OverflowError):  # not a time, or its bucket lies outside years 1-9999
             return MASK
-        if t.tzinfo is None:
-            t = t.replace(tzinfo=dt.timezone.utc)
-        bucket = math.floor(t.timestamp() / step) * step
-        return dt.datetime.fromtimestamp(bucket, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        return bucket.isoformat().replace("+00:00", "Z")
     return MASK

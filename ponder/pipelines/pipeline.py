@@ -138,7 +138,7 @@ class Pipeline:
         policy = self.context_policy()
         logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0],
                                                      budgets=Budgets(self.budgets, slices=budget_slices)),
-                         self.privacy if self.privacy is not None and self.privacy.active else None)
+                         self.privacy)
         key = self.privacy.key if self.privacy is not None else None
         built = dict(engines or {})
         for t in self.tiers:
@@ -148,7 +148,7 @@ class Pipeline:
                     max_batch=t.max_batch, max_concurrency=t.max_concurrency, timeout_s=t.timeout_s,
                     server=t.server, extra_body=t.extra_body, stall_s=t.stall_s, retries=t.retries,
                     trusted_local=t.is_local, privacy_key=key)
-            elif not t.is_local and not isinstance(built[t.name], Egress):
+            if not t.is_local and not isinstance(built[t.name], Egress):
                 built[t.name] = Egress(built[t.name], key)  # a given engine for a remote tier: the same door
         # the router's clock is monotonic; event times are checked against the wall clock
         decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s, tenant=self.tenant)

@@ -32,6 +32,7 @@ from typing import Callable, Mapping
 import msgspec
 
 from ponder.connectors.base import CommittingSource, Record, Sink, Source
+from ponder.inference.egress import Egress
 from ponder.inference.engine import Completion, Engine, EngineError, Request
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyLogic
@@ -107,7 +108,11 @@ class Worker:
         self.decoder = decoder
         self.source = source
         self.sink = sink
-        self.engines = dict(engines)
+        # every remote tier behind the privacy door, however the engines were handed in
+        key = logic.privacy.key if getattr(logic, "privacy", None) is not None else None
+        remote = {t.name for t in tiers if not t.is_local}
+        self.engines = {name: Egress(e, key) if name in remote and not isinstance(e, Egress) else e
+                        for name, e in engines.items()}
         self.partitions = Partitions(logic.new_state, store=store, open_store=open_store,
                                      changelog=changelog, max_hot_keys=max_hot_keys)
         budgets = logic.reasoner.budgets
