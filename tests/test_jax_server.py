@@ -187,7 +187,7 @@ async def test_a_request_joins_a_running_stream_and_a_dropped_stream_stops(serve
 
 def test_bad_requests_are_400(client):
     with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model="tiny", messages=MSGS, n=2)
+        client.chat.completions.create(model="tiny", messages=MSGS, n=17)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny", prompt=[7] * 600, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="response_format"):

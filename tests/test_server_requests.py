@@ -96,7 +96,7 @@ def _cases(vocab: int) -> list[tuple[str, bytes, str | None]]:
         ("completions", json.dumps({"prompt": ["a", "b"]}), "prompt"),
         ("completions", json.dumps({"max_tokens": 4}), "prompt"),
         ("completions", json.dumps({"prompt": "x", "max_tokens": 0}), "max_tokens"),
-        ("completions", json.dumps({"prompt": "x", "n": 2}), "n"),
+        ("completions", json.dumps({"prompt": "x", "n": 17}), "n"),
         ("completions", json.dumps({"prompt": "x", "temperature": 2.5}), "temperature"),
         ("completions", json.dumps({"prompt": "x", "stream_options": "include_usage"}), "stream_options"),
         ("completions", json.dumps({"prompt": "x", "stop": ["a", ""]}), "stop"),

@@ -17,6 +17,12 @@ the next call's until the key's context compacts, which is what automatic prefix
 
 The session (the stream key) goes in the profile's `session_fields` (`user` by default).
 
+Samples. A request with `n` > 1 (a vote) is sent as one body with `n`, its `temperature` and
+`seed` where the profile says the server answers `n` (the server then prefills the prompt once,
+and usage counts it once); its choices are collected by `index`. Elsewhere it is sent as n
+requests at once, sample i with `seed + i`, and their usage is summed as each was reported.
+`Completion.samples` holds every choice's text, in order.
+
 Deadlines. `timeout_s` is one deadline for a request, all its attempts together, counted from
 `generate`. Answers are streamed where the profile allows, so a request that waits in a queue
 is told apart from one that is generating (`stall_s`, if set, bounds the silence between
@@ -54,7 +60,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
@@ -91,8 +97,8 @@ _SENT_KEYS = 4096  # sessions whose last prompt is remembered for cache estimate
 class _Attempt:
     """What one HTTP attempt came to."""
 
-    text: str = ""
-    finish: str = "stop"
+    texts: list[str] = field(default_factory=list)  # each choice's text, by its index
+    finish: str = "stop"  # choice 0's
     model: str = ""
     status: int = 0  # HTTP status; 0 when none arrived
     body: str = ""  # a failed response's text
@@ -237,16 +243,21 @@ class OpenAIEngine:
         """The JSON body sent for `req` (public so tests and tools can inspect the layout)."""
         p = self.profile
         max_tokens = req.max_tokens or p.max_tokens or answer_token_bound(req.schema)
+        temperature = self.temperature if req.temperature is None else req.temperature
+        seed = self.seed if req.seed is None else req.seed
         b: dict[str, Any] = {"model": self.model or "default", "max_tokens": max_tokens,
-                             "temperature": self.temperature}
-        if self.temperature == 0.0:
+                             "temperature": temperature}
+        if req.n > 1:
+            b["n"] = req.n
+        if temperature == 0.0:
             b.update(p.greedy)
-        if self.seed is not None:
-            b["seed"] = self.seed
+        if seed is not None:
+            b["seed"] = seed
         for f in self.session_fields:
             b[f] = req.session
-        if p.cache_salt and self.cache_salt:
-            b["cache_salt"] = self.cache_salt
+        # the tenant's salt from the egress (inference/egress.py), else the tier's own
+        if p.cache_salt and (req.salt or self.cache_salt):
+            b["cache_salt"] = req.salt or self.cache_salt
         if self.mode == "chat":
             i = req.prefix.find(DATA_MARKER)
             if i < 0:
@@ -273,6 +284,8 @@ class OpenAIEngine:
 
     async def _one(self, req: Request, deadline: float) -> tuple[Completion, bool]:
         """(completion, unreachable): unreachable means the last attempt could not connect."""
+        if req.n > 1 and not self.profile.n:
+            return await self._samples_apart(req, deadline)
         loop = asyncio.get_running_loop()
         total = Usage()
         attempt = 0
@@ -283,8 +296,9 @@ class OpenAIEngine:
                 usage = await self._usage(req, a, deadline)
             total = total + usage
             if not a.error and a.status == 200:
-                return Completion(a.text, total, a.model or self.model, a.finish,
-                                  enforced=body_enforced(body)), False
+                samples = tuple(a.texts) if req.n > 1 else ()
+                return Completion(a.texts[0], total, a.model or self.model, a.finish,
+                                  enforced=body_enforced(body), samples=samples), False
             error = a.error or f"HTTP {a.status}: {a.body[:300]}"
             if a.unreachable:
                 error = f"{error} (after {attempt + 1} attempts)" if attempt else error
@@ -311,6 +325,20 @@ class OpenAIEngine:
             await asyncio.sleep(wait)
             attempt += 1
 
+    async def _samples_apart(self, req: Request, deadline: float) -> tuple[Completion, bool]:
+        """A request with n > 1 for a server that does not answer `n`: n requests at once,
+        sample i seeded `seed + i` (each its own prompt, as the server reports it)."""
+        seed = self.seed if req.seed is None else req.seed
+        parts = await asyncio.gather(*(
+            self._one(msgspec.structs.replace(req, n=1, seed=None if seed is None else seed + i), deadline)
+            for i in range(req.n)))
+        usage = sum((c.usage for c, _ in parts), Usage())
+        bad = next(((i, c) for i, (c, _) in enumerate(parts) if c.error), None)
+        if bad is not None:
+            return self._fail(f"sample {bad[0]}: {bad[1].error}", usage), all(u for _, u in parts)
+        first = parts[0][0]
+        return msgspec.structs.replace(first, usage=usage, samples=tuple(c.text for c, _ in parts)), False
+
     async def _attempt(self, body: dict[str, Any], deadline: float) -> _Attempt:
         assert self._client is not None
         loop = asyncio.get_running_loop()
@@ -327,7 +355,7 @@ class OpenAIEngine:
                     a.status, a.retry_after = r.status_code, r.headers.get("retry-after")
                     if r.status_code == 200:
                         a.started = True
-                        self._read_whole(r, a)
+                        self._read_whole(r, a, body.get("n", 1))
                     else:
                         a.body = r.text
                     return a
@@ -339,9 +367,9 @@ class OpenAIEngine:
                     if "text/event-stream" not in r.headers.get("content-type", ""):
                         await r.aread()  # a server that ignores `stream` answers whole
                         a.started = True
-                        self._read_whole(r, a)
+                        self._read_whole(r, a, body.get("n", 1))
                         return a
-                    await self._read_stream(r, a, clock)
+                    await self._read_stream(r, a, clock, body.get("n", 1))
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             a.error, a.unreachable = f"connect failed: {type(e).__name__}: {e}", True
         except TimeoutError:
@@ -355,26 +383,34 @@ class OpenAIEngine:
             a.error = f"transport error: {type(e).__name__}: {e}"
         return a
 
-    def _read_whole(self, r: httpx.Response, a: _Attempt) -> None:
+    def _read_whole(self, r: httpx.Response, a: _Attempt, n: int) -> None:
+        texts: dict[int, str] = {}
         try:
             data = msgspec.json.decode(r.content)
-            choice = data["choices"][0]
-            text = choice["message"].get("content") if self.mode == "chat" else choice["text"]
-            if not isinstance(text, (str, type(None))):
-                raise TypeError(f"content is a {type(text).__name__}, not a string")
+            for choice in data["choices"]:
+                text = choice["message"].get("content") if self.mode == "chat" else choice["text"]
+                if not isinstance(text, (str, type(None))):
+                    raise TypeError(f"content is a {type(text).__name__}, not a string")
+                i = _index(choice, n)
+                texts[i] = text or ""
+                if i == 0:
+                    a.finish = choice.get("finish_reason") or "stop"
+            if len(texts) < n:
+                raise IndexError(f"{len(texts)} choices for n={n}")
         except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
             a.error = f"malformed response ({type(e).__name__}: {e}): {r.text[:200]}"
             return
-        a.text, a.finish = text or "", choice.get("finish_reason") or "stop"
+        a.texts = [texts[i] for i in range(n)]
         a.model, a.usage, a.timings = str(data.get("model") or ""), data.get("usage"), data.get("timings")
 
-    async def _read_stream(self, r: httpx.Response, a: _Attempt, clock: asyncio.Timeout) -> None:
+    async def _read_stream(self, r: httpx.Response, a: _Attempt, clock: asyncio.Timeout, n: int) -> None:
         """Server-sent events: `data: {chunk}` lines until `data: [DONE]` (comments and pings
-        skipped). The first event means the server is working on the request."""
+        skipped), each choice's pieces gathered by its `index`. The first event means the
+        server is working on the request."""
         loop = asyncio.get_running_loop()
         deadline = clock.when()
-        parts: list[str] = []
-        finished = False
+        parts: list[list[str]] = [[] for _ in range(n)]
+        finished: set[int] = set()
         async for line in r.aiter_lines():
             if line.startswith("error:"):  # llama.cpp's C++ server reports a failure so
                 a.error = f"server error in stream: {line[6:].strip()[:300]}"
@@ -408,16 +444,23 @@ class OpenAIEngine:
             for choice in chunk.get("choices") or ():
                 if not isinstance(choice, dict):
                     continue
+                try:
+                    i = _index(choice, n)
+                except IndexError as e:
+                    a.error = f"malformed stream event ({e}): {data[:200]}"
+                    return
                 delta = choice.get("delta")
                 piece = (delta.get("content") if isinstance(delta, dict) else None) if self.mode == "chat" \
                     else choice.get("text")
                 if isinstance(piece, str) and piece:
-                    parts.append(piece)
+                    parts[i].append(piece)
                     a.chunks += 1
                 if choice.get("finish_reason"):
-                    a.finish, finished = str(choice["finish_reason"]), True
-        a.text = "".join(parts)
-        if not finished:
+                    finished.add(i)
+                    if i == 0:
+                        a.finish = str(choice["finish_reason"])
+        a.texts = ["".join(p) for p in parts]
+        if len(finished) < n:
             # cut off: a stream ended early (llama-cpp-python ends a running stream when
             # another request arrives), a proxy closed it: worth another try
             a.error = "stream ended without a finish reason" if a.started else "stream ended without an event"
@@ -500,6 +543,14 @@ def common_prefix(a: str, b: str) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _index(choice: dict[str, Any], n: int) -> int:
+    """A choice's `index` (0 when a server leaves it out); IndexError outside 0..n-1."""
+    i = choice.get("index") or 0
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+        raise IndexError(f"choice index {i!r} for n={n}")
+    return i
 
 
 def _int(x: Any) -> int:

@@ -2,12 +2,12 @@
 
 Servers that all answer `/v1/chat/completions` differ where it matters to a decision:
 
-| profile | structured output | cached tokens | requests at once | cancel |
-| --- | --- | --- | --- | --- |
-| `vllm` | `structured_outputs: {json}` (v0.11+; `guided_json` before) | `prompt_tokens_details` (with `--enable-prompt-tokens-details`) | many (continuous batching) | close the stream |
-| `llama.cpp` (llama-cpp-python's server) | chat: `response_format: {type: json_object, schema}`; completions: none | not reported: estimated | 1 (one context, a lock) | close the stream |
-| `ponder` (`ponder serve-model`) | `response_format: json_schema` | `prompt_tokens_details` | many | close the stream |
-| `openai` (anything else) | `json_schema`, falling back on rejection | whatever `usage` says, else estimated | the tier's | close the stream |
+| profile | structured output | cached tokens | requests at once | cancel | `n` samples |
+| --- | --- | --- | --- | --- | --- |
+| `vllm` | `structured_outputs: {json}` (v0.11+; `guided_json` before) | `prompt_tokens_details` (with `--enable-prompt-tokens-details`) | many (continuous batching) | close the stream | one request |
+| `llama.cpp` (llama-cpp-python's server) | chat: `response_format: {type: json_object, schema}`; completions: none | not reported: estimated | 1 (one context, a lock) | close the stream | n requests |
+| `ponder` (`ponder serve-model`) | `response_format: json_schema` | `prompt_tokens_details` | many | close the stream | one request, one prefill |
+| `openai` (anything else) | `json_schema`, falling back on rejection | whatever `usage` says, else estimated | the tier's | close the stream | one request |
 
 A profile is chosen by `TierSpec(server=…)`: a profile name, a `ServerProfile` (e.g. a built-in
 one with fields replaced), or `auto` (the default), which asks `GET /v1/models` who owns the
@@ -63,7 +63,8 @@ class ServerProfile(msgspec.Struct, frozen=True, kw_only=True):
     :param tokenize_path: where to count a prompt's tokens when a stream reports no usage.
     :param greedy: fields sent with `temperature: 0` to make decoding greedy (llama.cpp's
         default `repeat_penalty` 1.1 changes even a temperature-0 answer).
-    :param n: the server answers `n` > 1.
+    :param n: the server answers `n` > 1 (one request, the prompt prefilled once); if not,
+        a request for n samples is sent as n requests.
     :param max_requests: requests in flight at once; 0: the tier's batching decides.
     :param max_tokens: the completion budget when a tier leaves it open (`max_tokens=0`): 0
         derives it from the schema; ponder's server closes a schema'd answer within any
@@ -102,7 +103,7 @@ PROFILES: dict[str, ServerProfile] = {
                                greedy={"repeat_penalty": 1.0, "top_k": 1, "frequency_penalty": 0.0,
                                        "presence_penalty": 0.0},
                                n=False, max_requests=1, number_bounds=False),
-    "ponder": ServerProfile(name="ponder", session_fields=("session",), n=False, max_tokens=128),
+    "ponder": ServerProfile(name="ponder", session_fields=("session",), max_tokens=128),
     "openai": ServerProfile(name="openai"),
 }
 # when a server rejects a structured mode, the next one to try

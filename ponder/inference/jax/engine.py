@@ -10,10 +10,12 @@ checkpoint's own chat template, so a Request gives the same token ids in process
 
 Each request's `session` (its stream key) selects a KV session, so a key's stable prefix is
 computed once and each call prefills only what changed (see sessions.py); `request.schema`
-constrains the answer to that JSON Schema (see constrain.py). The blocking JAX work runs on one
-worker thread, so the event loop stays free. Every request, from `generate` or from the server,
-goes through one `Feed` into the generator's continuous batch: rows of a call that arrives
-while another decodes join it at the next step.
+constrains the answer to that JSON Schema (see constrain.py). A request with `n` > 1 is
+prefilled once and decoded as n samples (sample i seeded `seed + i`, each constrained on its
+own); its session keeps the prompt and sample 0's continuation. The blocking JAX work runs on
+one worker thread, so the event loop stays free. Every request, from `generate` or from the
+server, goes through one `Feed` into the generator's continuous batch: rows of a call that
+arrives while another decodes join it at the next step.
 """
 
 from __future__ import annotations
@@ -255,14 +257,23 @@ class JaxEngine:
             except ValueError as e:
                 out[i] = Completion("", Usage(), self.model, "error", f"request {r.request_id or i}: {e}")
                 continue
-            batch.append(GenRequest(r.session, prompt, r.max_tokens or _ANSWER_BUDGET, self.temperature, self.top_p,
-                                    self.seed, constraint))
+            temperature = self.temperature if r.temperature is None else r.temperature
+            seed = self.seed if r.seed is None else r.seed
+            batch.append(GenRequest(r.session, prompt, r.max_tokens or _ANSWER_BUDGET, temperature,
+                                    self.top_p, seed, constraint, n=r.n))
             where.append(i)
         results = await asyncio.gather(*(self.submit(g) for g in batch))
         for i, res in zip(where, results):
-            usage = Usage(res.prompt_tokens, res.cached_tokens, len(res.tokens))
-            out[i] = Completion(self.decode(res.tokens), usage, self.model, res.finish_reason, res.error)
+            out[i] = self.completion(res)
         return out  # type: ignore[return-value]
+
+    def completion(self, res) -> Completion:
+        """A GenResult as a Completion: with n > 1, every sample's text, the prompt counted once."""
+        samples = res.samples or [res]
+        texts = tuple(self.decode(s.tokens) for s in samples)
+        usage = Usage(res.prompt_tokens, res.cached_tokens, sum(len(s.tokens) for s in samples))
+        return Completion(texts[0], usage, self.model, res.finish_reason, res.error,
+                          samples=texts if res.samples else ())
 
     async def submit(self, req):
         """One GenRequest through the continuous batch -> its GenResult."""

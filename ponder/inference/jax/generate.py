@@ -14,6 +14,12 @@ holds contiguous caches (K [L, B, Hkv, D, S], V [L, B, Hkv, S, D]), one slot per
   through `prefill_chunk` T tokens at a time, one chunk per decode step of the running rows (a
   long prompt does not stall them; one group joins at a time), and `insert_rows` copies them
   into free slots. Prefill thus costs only the joining rows, not the whole batch.
+* Samples: a request with `n` > 1 joins as one row, so its prompt is prefilled once; before
+  it is inserted, `fork_rows` copies that row's K/V and last logits into n rows, and each
+  decodes on its own (its own seed, seed + i, and its own constraint state). Sample 0 holds the
+  request's session and writes back to it like any row; the others hold anonymous sessions of
+  their own (pages for a lay-out-again round trip), dropped when they finish. The request is
+  answered once its last sample finishes.
 * Lay out again: when joining rows need more slots than are free or a longer cache, or when the
   live rows fit a batch bucket half the size, the whole batch is scattered back to the pool
   and gathered again at the new (B, S).
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GenRequest", "GenResult", "Generator", "bucket", "length_buckets"]
 
+SEED_MASK = 0xFFFFFFFF  # seeds are uint32 on the device: sample i draws with (seed + i) mod 2**32
 SHRINK_AFTER = 4  # steps a batch stays oversized before it is laid out smaller
 CLOSE_RESERVE = 16  # constrained rows try to close their JSON once this few tokens are left
 
@@ -63,10 +70,13 @@ CLOSE_RESERVE = 16  # constrained rows try to close their JSON once this few tok
 class GenRequest:
     """One prompt to continue. `session` None: no session (nothing kept afterwards).
     temperature 0 is greedy; `seed` None draws one. `constraint` is a constrain.Constraint.
-    `on_token(id)` is called (from the generating thread) for each token as it is chosen; a
-    truthy return ends the row there (finish_reason "stop"), e.g. on a stop string; an
-    exception it raises ends only this row, with an error. Setting `cancelled` (the caller gave
-    up) drops the request if it is still waiting and ends its row at the next step if not."""
+    `n` > 1 draws n samples of the prompt, prefilled once: sample i is seeded `seed + i`, so
+    it draws what a request of its own with that seed would. `on_token(id)` is called (from
+    the generating thread) for each token as it is chosen (`on_token[i](id)` for sample i when
+    it is a sequence of n callables); a truthy return ends the row there (finish_reason
+    "stop"), e.g. on a stop string; an exception it raises ends only this row, with an error.
+    Setting `cancelled` (the caller gave up) drops the request if it is still waiting and ends
+    its rows at the next step if not."""
 
     session: str | None
     prompt: list[int]
@@ -75,9 +85,10 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     constraint: Any = None
-    on_token: Callable[[int], Any] | None = None
+    on_token: Callable[[int], Any] | Sequence[Callable[[int], Any]] | None = None
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
     cancelled: threading.Event | None = None
+    n: int = 1
 
 
 @dataclass
@@ -88,6 +99,9 @@ class GenResult:
     cached_tokens: int = 0
     finish_reason: str = "stop"  # stop | length | error
     error: str | None = None
+    # n > 1: every sample's own result, in order; the fields above are then sample 0's, with
+    # the prompt's counts (once), and an error of any sample
+    samples: list[GenResult] = field(default_factory=list)
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
@@ -136,6 +150,11 @@ def _decode_step(params, cfg: ModelConfig, tok, pos, k, v, seeds, temperature, t
     return nxt, logprob, pos + 1, k, v
 
 
+def _fork(k, v, logits, src):
+    # src: int32 [Bm], the joining row each new row copies -> K/V [L, Bm, ...], logits [Bm, V]
+    return k[:, src], v[:, src], logits[src]
+
+
 def _insert(k, v, k_new, v_new, slots):
     # slots: int32 [Bn], the batch slot of each new row; padding rows name slot B and are dropped
     return k.at[:, slots].set(k_new, mode="drop"), v.at[:, slots].set(v_new, mode="drop")
@@ -146,6 +165,7 @@ decode_step = counted_jit(_decode_step, "decode", static_argnums=1, donate_argnu
                           static_argnames=("n_vocab", "greedy_only"))
 first_token = counted_jit(sample, "sample", static_argnames=("n_vocab", "greedy_only"))
 insert_rows = counted_jit(_insert, "insert", donate_argnums=(0, 1))
+fork_rows = counted_jit(_fork, "fork")
 
 
 @dataclass(eq=False)
@@ -162,6 +182,9 @@ class _Row:
     finish: str | None = None
     error: str | None = None
     deferred: bool = False  # found no pages last time: rows behind it wait
+    index: int = 0  # which sample of its request this row draws
+    forks: list[str] = field(default_factory=list)  # n > 1, until forked: the other samples' sessions
+    group: list[_Row] | None = None  # n > 1, once forked: every sample's row, in order (shared)
 
     @property
     def cap(self) -> int:
@@ -172,9 +195,30 @@ class _Row:
     def cancelled(self) -> bool:
         return self.req.cancelled is not None and self.req.cancelled.is_set()
 
+    @property
+    def keeps(self) -> bool:
+        """Its K/V go back to the request's session (a further sample's never do)."""
+        return self.req.session is not None and self.index == 0
+
+    @property
+    def on_token(self) -> Callable[[int], Any] | None:
+        f = self.req.on_token
+        return f[self.index] if isinstance(f, (list, tuple)) else f
+
     def result(self) -> GenResult:
         return GenResult(self.out, self.logprobs, len(self.req.prompt), self.cached,
                          self.finish or "stop", self.error)
+
+
+def _request_result(rows: list[_Row]) -> GenResult:
+    """The answer to a request with n > 1 from its samples' rows: sample 0's tokens, the
+    prompt counted once, every sample in `samples`, and the first sample's error if any."""
+    res = rows[0].result()
+    res.samples = [r.result() for r in rows]
+    bad = next((r for r in rows if r.error), None)
+    if bad is not None:
+        res.finish_reason, res.error = "error", f"sample {bad.index}: {bad.error}"
+    return res
 
 
 @dataclass(eq=False)
@@ -313,8 +357,10 @@ class Generator:
         join: _Join | None = None
 
         def answer(row: _Row) -> None:
+            if row.group is not None and any(r.finish is None for r in row.group):
+                return  # the request's other samples decode on; the last one to finish answers
             try:
-                done(row.tag, row.result())
+                done(row.tag, row.result() if row.group is None else _request_result(row.group))
             except Exception:  # a caller's callback must not take the other rows down
                 log.exception("generator: the done callback failed for request %r", row.tag)
 
@@ -359,15 +405,16 @@ class Generator:
         finally:  # leaving by an exception (a fetch that raised): unpin what was running
             for row in _held(batch, join):
                 if row.finish is None:
-                    self.pool.drop(row.key)
+                    self._drop(row)
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None,
                chunk_lens: Sequence[int] | None = None, sampling: Sequence[bool] = (False,),
-               masked: Sequence[bool] = (False,), page_moves: bool = True) -> int:
+               masked: Sequence[bool] = (False,), page_moves: bool = True, forks: bool = False) -> int:
         """Trace the shapes these sizes round up to (default: every batch bucket, the length
         buckets up to 1024, every chunk bucket that fits) using only the scratch page.
         `sampling` / `masked` pick the decode variants (True: top-p / a constraint mask);
-        `page_moves` the spill and restore copies. Returns the number of new traces."""
+        `page_moves` the spill and restore copies; `forks` the copies that give the samples
+        of a request with n > 1 their rows. Returns the number of new traces."""
         before = self.compiles
         Bs = {bucket(b, self.batch_buckets) for b in (batch_sizes or self.batch_buckets)}
         Ss = {bucket(s, self.seq_buckets) for s in (seq_lens or [s for s in self.seq_buckets if s <= 1024])}
@@ -392,6 +439,8 @@ class Generator:
             for Bn in (b for b in Bs if b <= B):
                 k_new, v_new = pool.gather(np.zeros((Bn, S // pool.page_size), np.int32))
                 k, v = insert_rows(k, v, k_new, v_new, np.full(Bn, B, np.int32))
+                if forks:  # Bn prompts forked into B rows
+                    fork_rows(k_new, v_new, logits[:Bn], np.zeros(B, np.int32))
             pool.scatter_row(table[0], k, v, 0)
             pool.scatter(table, k, v)
         if page_moves:  # spill and restore: page counts are rounded up to powers of two
@@ -416,6 +465,14 @@ class Generator:
                    f"{r.max_tokens} does not fit: need 1 <= prompt < {self.max_seq_len} tokens "
                    f"and max_tokens >= 1")
             return _Row(tag, key, r, finish="error", error=msg)
+        if not (isinstance(r.n, int) and 1 <= r.n <= self.max_batch):  # its samples decode together
+            msg = (f"request {tag} (session {r.session!r}) asks for n={r.n!r} samples; a request may "
+                   f"ask for 1 to {self.max_batch} (the most rows decoded together)")
+            return _Row(tag, key, r, finish="error", error=msg)
+        if isinstance(r.on_token, (list, tuple)) and len(r.on_token) != r.n:
+            msg = (f"request {tag} (session {r.session!r}): {len(r.on_token)} on_token callbacks "
+                   f"for n={r.n} samples")
+            return _Row(tag, key, r, finish="error", error=msg)
         vocab = self.cfg.vocab_size
         bad = next((t for t in r.prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:  # one bad id must not fail the other rows of its batch
@@ -423,31 +480,36 @@ class Generator:
             return _Row(tag, key, r, finish="error", error=msg)
         if r.max_tokens > self.max_seq_len - n:
             r = replace(r, max_tokens=self.max_seq_len - n)
-        need = -(-(n + r.max_tokens) // self.pool.page_size)
+        need = -(-(n + r.max_tokens) // self.pool.page_size) * r.n  # every sample holds its own pages
         if need > self.pool.num_pages:  # never fits: say so now, not after everything else ran
+            samples = f" for each of {r.n} samples" if r.n > 1 else ""
             msg = (f"request {tag} (session {r.session!r}) needs {need} pages of {self.pool.page_size} "
-                   f"tokens for {n + r.max_tokens} tokens, but the pool has {self.pool.num_pages} "
+                   f"tokens for {n + r.max_tokens} tokens{samples}, but the pool has {self.pool.num_pages} "
                    f"(raise the session cap)")
             return _Row(tag, key, r, finish="error", error=msg)
         seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
-        return _Row(tag, key, r, seed=seed & 0xFFFFFFFF)
+        return _Row(tag, key, r, seed=seed & SEED_MASK)
 
     def _pick(self, waiting: deque[_Row], live: list[_Row]) -> list[_Row]:
-        """Take the waiting rows that can join now, first come first served: free slots, no
-        session twice (a later request of a running session waits for it), and nobody behind a
-        row that is waiting for pages."""
+        """Take the waiting rows that can join now, first come first served: free slots (a
+        request takes one per sample), no session twice (a later request of a running session
+        waits for it), and nobody behind a request that is waiting for slots or pages."""
         room = self.max_batch - len(live)
         busy = {r.key for r in live}
-        picked, kept = [], deque()
+        picked, kept, used = [], deque(), 0
         while waiting:
             row = waiting.popleft()
-            if len(picked) < room and row.key not in busy:
+            if row.key in busy:
+                kept.append(row)
+            elif used + row.req.n <= room:
                 picked.append(row)
                 busy.add(row.key)
+                used += row.req.n
                 if row.deferred:  # it waits for pages: nobody behind it takes them first
-                    room = len(picked)
-            else:
+                    room = used
+            else:  # it waits for slots: nobody behind it takes them first
                 kept.append(row)
+                room = used
         waiting.extend(kept)
         return picked
 
@@ -462,6 +524,7 @@ class Generator:
             cap = row.cap
             try:
                 row.cached = self.pool.acquire(row.key, row.req.prompt, cap)
+                self._pin_forks(row)
             except PoolFull as e:
                 if ok or deferred or not alone:
                     row.deferred = True
@@ -474,6 +537,45 @@ class Generator:
             ok.append(row)
         return ok, deferred
 
+    def _pin_forks(self, row: _Row) -> None:
+        """Pin a session of its own for each further sample of the row's request (filled from
+        the prompt's K/V once that is prefilled), all or none: on PoolFull the row's own
+        session is unpinned too, keeping what it holds."""
+        keys = [f"\0anon-{next(self._anon)}" for _ in range(row.req.n - 1)]
+        try:
+            for key in keys:
+                self.pool.acquire(key, [], row.cap)
+        except PoolFull:
+            for key in keys:
+                self.pool.drop(key)
+            self.pool.release(row.key, row.req.prompt[: row.cached])
+            raise
+        row.forks = keys
+
+    def _fork(self, join: _Join) -> _Join:
+        """Give each further sample of the joined requests (n > 1) a row of its own, with a copy
+        of its prompt's K/V and last logits: the prompt was prefilled once for all of them."""
+        if not any(r.forks for r in join.rows):
+            return join
+        rows, src = [], []
+        for j, r in enumerate(join.rows):
+            rows.append(r)
+            src.append(j)
+            if r.forks:
+                r.group = [r]
+                for i, key in enumerate(r.forks, 1):
+                    r.group.append(_Row(r.tag, key, r.req, cached=r.cached, seed=(r.seed + i) & SEED_MASK,
+                                        index=i, group=r.group))
+                    src.append(j)
+                rows += r.group[1:]
+                r.forks = []
+        B = bucket(len(rows), self.batch_buckets)
+        idx = np.zeros(B, np.int32)  # padding rows copy row 0: they are never inserted or read
+        idx[: len(src)] = src
+        k, v, logits = fork_rows(join.k, join.v, join.logits, idx)
+        table = self.pool.table([r.key for r in rows], B, join.S)
+        return _Join(rows, join.S, table, k, v, join.pos[idx], [[]] * B, logits)
+
     def _retire(self, batch: _Batch) -> None:
         """Write finished rows back to their sessions and free their slots."""
         done = [b for b, r in enumerate(batch.rows) if r is not None and r.finish is not None]
@@ -484,7 +586,7 @@ class Generator:
         batch.table, batch.temps = batch.table.copy(), batch.temps.copy()
         for b in done:
             row = batch.rows[b]
-            if row.req.session is not None:
+            if row.keeps:
                 self.pool.scatter_row(batch.table[b].copy(), batch.k, batch.v, b)
             self._release(row)
             batch.rows[b] = None
@@ -502,7 +604,7 @@ class Generator:
         new, deferred = self._acquire(admit, alone=not kept)
         waiting.extendleft(reversed(deferred))
         for row in [r for r in new if r.finish]:
-            self.pool.drop(row.key)
+            self._drop(row)
             answer(row)
         new = [r for r in new if not r.finish]
         if not new:
@@ -510,8 +612,9 @@ class Generator:
         if on_admit:
             on_admit(len(new))
         S = bucket(max(r.cap for r in kept + new), self.seq_buckets)
-        if batch is not None and (S > batch.S or len(batch.free) < len(new)):
-            batch = self._relayout(batch, len(kept) + len(new), S)
+        slots = sum(r.req.n for r in new)  # each sample of a request gets a row once prefilled
+        if batch is not None and (S > batch.S or len(batch.free) < slots):
+            batch = self._relayout(batch, len(kept) + slots, S)
         S = batch.S if batch is not None else S
 
         Bn = bucket(len(new), self.batch_buckets)
@@ -540,7 +643,7 @@ class Generator:
                                                         join.logits, join.k, join.v)
             join.pos = join.pos + n_new  # not +=: on CPU the running step may still read the old array
             if not any(join.todo):
-                return self._insert(batch, join), None
+                return self._insert(batch, self._fork(join)), None
             if not alone:
                 return batch, join
 
@@ -642,14 +745,19 @@ class Generator:
             batch.tok, batch.logprob, batch.pos, batch.k, batch.v = ahead
 
     def _release(self, row: _Row) -> None:
-        if row.req.session is None:
+        if not row.keeps:
             self.pool.drop(row.key)
         else:  # every sampled token but the last has been fed back through the model
             self.pool.release(row.key, row.req.prompt + row.out[: max(row.sampled - 1, 0)])
 
+    def _drop(self, row: _Row) -> None:
+        """Forget the row's session and those pinned for its request's other samples."""
+        for key in [row.key, *row.forks]:
+            self.pool.drop(key)
+
     def _fail(self, rows: list[_Row], e: Exception, answer: Callable[[_Row], None]) -> None:
         for row in rows:
-            self.pool.drop(row.key)
+            self._drop(row)
             if row.finish is None:
                 row.finish, row.error = "error", f"{type(e).__name__}: {e}"
                 answer(row)
@@ -672,7 +780,7 @@ class Generator:
         row.logprobs.append(logprob)
         row.sampled += 1
         try:
-            stop = bool(req.on_token(t)) if req.on_token else False  # the caller saw a stop string
+            stop = bool(row.on_token(t)) if row.on_token else False  # the caller saw a stop string
         except Exception as e:  # noqa: BLE001 - one caller's callback ends only its own row
             row.finish, row.error = "error", f"on_token: {type(e).__name__}: {e}"
             return
@@ -685,8 +793,8 @@ class Generator:
                     c.advance(row.state, t2)
                     row.out.append(t2)
                     row.logprobs.append(0.0)
-                    if req.on_token:
-                        req.on_token(t2)
+                    if row.on_token:
+                        row.on_token(t2)
                 stop = True
         if stop:
             row.finish = "stop"

@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-__all__ = ["BadRequest", "Bodies", "Body", "ChatBody", "JsonSchemaFormat", "Message", "prompt_of"]
+__all__ = ["MAX_SAMPLES", "BadRequest", "Bodies", "Body", "ChatBody", "JsonSchemaFormat", "Message",
+           "prompt_of"]
 
 # every length on the device is int32; larger budgets are cut to the context anyway
 Budget = Annotated[int, Meta(ge=1, le=2**31 - 1)]
@@ -25,6 +26,7 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]  # the bounds also refuse N
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is an int64
 StopString = Annotated[str, Meta(min_length=1)]
+MAX_SAMPLES = 16  # `n`: a vote needs a handful; each sample takes a row of the shared batch
 
 
 class BadRequest(ValueError):
@@ -63,7 +65,7 @@ class Body(Struct, kw_only=True):
     model: str | None = None
     max_tokens: Budget | None = None
     max_completion_tokens: Budget | None = None
-    n: Annotated[int, Meta(ge=1)] | None = None  # > 1 gets its own message (see server.py)
+    n: Annotated[int, Meta(ge=1)] | None = None  # samples of the one prompt (at most MAX_SAMPLES)
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None

@@ -7,8 +7,10 @@ GET /metrics (Prometheus text), GET /health.
 Beyond OpenAI's fields: `session` (else `user`, else `prompt_cache_key`) names the KV session, so
 a client that sends its stream key there gets its prefix from cache; `usage` reports it as
 `prompt_tokens_details.cached_tokens`. `response_format` (`json_schema`, or `json_object`)
-constrains the output. `n` must be 1; `stop` strings end the output (the stop string is not
-included); `logprobs`, `tools` and penalties are not supported.
+constrains the output. `n` (1 to 16, and at most the engine's `max_batch`) asks for that many
+samples of the one prompt, prefilled once: choice i is seeded `seed + i`, and `usage` counts
+the prompt once and every choice's tokens. `stop` strings end the output (the stop string is
+not included); `logprobs`, `tools` and penalties are not supported.
 
 Bodies are decoded into the msgspec Structs of requests.py, so a malformed request (a token id
 outside the model's vocabulary, NaN, a field of the wrong type) is answered 400 with OpenAI's
@@ -50,6 +52,7 @@ from starlette.routing import Route
 from .engine import JaxEngine
 from .generate import GenRequest, GenResult
 from .requests import (
+    MAX_SAMPLES,
     BadRequest,
     Bodies,
     Body,
@@ -85,7 +88,7 @@ class _Metrics:
         self.latency.observe(seconds)
         self.prompt.inc(res.prompt_tokens)
         self.cached.inc(res.cached_tokens)
-        self.completion.inc(len(res.tokens))
+        self.completion.inc(sum(len(s.tokens) for s in res.samples or [res]))
 
 
 class _PoolCollector:
@@ -121,8 +124,12 @@ class _Call:
 
     def __init__(self, engine: JaxEngine, body: Body, chat: bool):
         gen = engine.generator
-        if body.n not in (None, 1):
-            raise BadRequest(f"`n` is {body.n}: only n=1 is supported", "n")
+        self.n = body.n or 1
+        if self.n > MAX_SAMPLES:
+            raise BadRequest(f"`n` is {self.n}: a request may ask for n=1 to {MAX_SAMPLES} samples", "n")
+        if self.n > gen.max_batch:  # a request's samples decode side by side
+            raise BadRequest(f"`n` is {self.n}: this server decodes at most {gen.max_batch} rows together "
+                             f"(max_batch), so a request may ask for n=1 to {gen.max_batch} samples", "n")
         if chat:
             messages = [{"role": m.role, "content": m.content} for m in body.messages]  # type: ignore[attr-defined]
             try:
@@ -152,7 +159,8 @@ class _Call:
         self.req = GenRequest(
             session=session, prompt=prompt, max_tokens=min(max_tokens, left),
             temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, constraint=constraint)
+            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, constraint=constraint,
+            n=self.n)
 
     @staticmethod
     def _constraint(engine: JaxEngine, schema: dict):
@@ -169,9 +177,18 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 def _usage(res: GenResult) -> dict[str, Any]:
-    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.tokens),
-            "total_tokens": res.prompt_tokens + len(res.tokens),
+    """The prompt once (every sample continued the one prefill), every sample's tokens."""
+    completion = sum(len(s.tokens) for s in res.samples or [res])
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": res.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": res.cached_tokens}}
+
+
+def _choice(chat: bool, i: int, text: str, finish: str) -> dict[str, Any]:
+    if chat:
+        return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                "logprobs": None}
+    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -225,8 +242,8 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
                 "created": int(time.time()), "model": engine.model}
         if call.stream:
             return StreamingResponse(_stream(call, head), media_type="text/event-stream")
-        if call.stop:
-            call.req.on_token = _stopper(engine, call.stop)
+        if call.stop:  # each sample stops at its own stop string
+            call.req.on_token = [_stopper(engine, call.stop) for _ in range(call.n)]
         call.req.cancelled = gone = threading.Event()
 
         async def watch() -> None:  # a client that hangs up frees its place in the batch
@@ -241,35 +258,38 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
             watcher.cancel()
         if res.error:
             return _error(500, res.error, "server_error")
-        text, stopped = _cut(engine.decode(res.tokens), call.stop)
-        finish = "stop" if stopped else res.finish_reason
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                   "logprobs": None} if chat else
-                  {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(res)})
+        choices = []
+        for i, sample in enumerate(res.samples or [res]):
+            text, stopped = _cut(engine.decode(sample.tokens), call.stop)
+            choices.append(_choice(chat, i, text, "stop" if stopped else sample.finish_reason))
+        return JSONResponse({**head, "choices": choices, "usage": _usage(res)})
 
     async def _stream(call: _Call, head: dict):
         loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        stopper = _stopper(engine, call.stop) if call.stop else None
-        gone = threading.Event()  # the client went away: drop its row, waiting or decoding
+        tokens: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()  # (choice, token id)
+        gone = threading.Event()  # the client went away: drop its rows, waiting or decoding
         call.req.cancelled = gone
 
-        def on_token(t: int) -> bool:  # on the engine's thread
-            loop.call_soon_threadsafe(tokens.put_nowait, t)
-            return stopper(t) if stopper else False
+        def on_token_of(i: int):
+            stopper = _stopper(engine, call.stop) if call.stop else None
 
-        call.req.on_token = on_token
+            def on_token(t: int) -> bool:  # on the engine's thread
+                loop.call_soon_threadsafe(tokens.put_nowait, (i, t))
+                return stopper(t) if stopper else False
+
+            return on_token
+
+        call.req.on_token = [on_token_of(i) for i in range(call.n)]
         task = asyncio.ensure_future(engine.submit(call.req))
         task.add_done_callback(lambda _: tokens.put_nowait(None))
         head = {**head, "object": "chat.completion.chunk" if call.chat else "text_completion"}
 
-        def chunk(delta: str | None, finish: str | None = None) -> str:
+        def chunk(i: int, delta: str | None, finish: str | None = None) -> str:
             if call.chat:
                 d = {} if delta is None else {"content": delta}
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": None}
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
         def error(message: str) -> str:
@@ -278,28 +298,32 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
 
         try:
             if call.chat:
-                first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None, "logprobs": None}]}
-                yield f"data: {json.dumps(first)}\n\n"
-            ids: list[int] = []
-            sent, hold = "", max((len(s) for s in call.stop), default=1) - 1
-            while (t := await tokens.get()) is not None:
-                ids.append(t)
-                text, stopped = _cut(engine.decode(ids), call.stop)
+                for i in range(call.n):
+                    first = {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "finish_reason": None, "logprobs": None}]}
+                    yield f"data: {json.dumps(first)}\n\n"
+            ids: list[list[int]] = [[] for _ in range(call.n)]
+            sent = [""] * call.n
+            hold = max((len(s) for s in call.stop), default=1) - 1
+            while (item := await tokens.get()) is not None:
+                i, t = item
+                ids[i].append(t)
+                text, stopped = _cut(engine.decode(ids[i]), call.stop)
                 if not stopped:  # hold back what could still become a stop string or a UTF-8 char
                     text = text[: len(text) - hold] if hold else text
                     text = text.rstrip("\ufffd")
-                if len(text) > len(sent) and text.startswith(sent):
-                    yield chunk(text[len(sent) :])
-                    sent = text
+                if len(text) > len(sent[i]) and text.startswith(sent[i]):
+                    yield chunk(i, text[len(sent[i]) :])
+                    sent[i] = text
             res = task.result()
             if res.error:
                 yield error(res.error)
                 return
-            text, stopped = _cut(engine.decode(res.tokens), call.stop)
-            if len(text) > len(sent) and text.startswith(sent):
-                yield chunk(text[len(sent) :])
-            yield chunk(None, "stop" if stopped else res.finish_reason)
+            for i, sample in enumerate(res.samples or [res]):
+                text, stopped = _cut(engine.decode(sample.tokens), call.stop)
+                if len(text) > len(sent[i]) and text.startswith(sent[i]):
+                    yield chunk(i, text[len(sent[i]) :])
+                yield chunk(i, None, "stop" if stopped else sample.finish_reason)
             if call.include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(res)})}\n\n"
             yield "data: [DONE]\n\n"
