@@ -103,7 +103,7 @@ PROFILES: dict[str, ServerProfile] = {
                                greedy={"repeat_penalty": 1.0, "top_k": 1, "frequency_penalty": 0.0,
                                        "presence_penalty": 0.0},
                                n=False, max_requests=1, number_bounds=False),
-    "ponder": ServerProfile(name="ponder", session_fields=("session",), max_tokens=128),
+    "ponder": ServerProfile(name="ponder", session_fields=("session",), cache_salt=True, max_tokens=128),
     "openai": ServerProfile(name="openai"),
 }
 # when a server rejects a structured mode, the next one to try

@@ -5,7 +5,8 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 GET /metrics (Prometheus text), GET /health.
 
 Beyond OpenAI's fields: `session` (else `user`, else `prompt_cache_key`) names the KV session, so
-a client that sends its stream key there gets its prefix from cache; `usage` reports it as
+a client that sends its stream key there gets its prefix from cache (vLLM's `cache_salt` picks
+the namespace it lives in, below); `usage` reports it as
 `prompt_tokens_details.cached_tokens`. `response_format` (`json_schema`, or `json_object`)
 constrains the output. `n` (1 to 16, and at most the engine's `max_batch`) asks for that many
 samples of the one prompt, prefilled once: choice i is seeded `seed + i`, and `usage` counts
@@ -17,6 +18,20 @@ outside the model's vocabulary, NaN, a field of the wrong type) is answered 400 
 error JSON naming the field (`param`) before it can reach the shared batch. Any other failure
 is answered 500 for its own request; neither closes the kept-alive connection.
 
+Access and isolation. With API keys (`api_keys`, `ponder serve-model --api-key`, one or several),
+every endpoint but /health needs `Authorization: Bearer KEY` (else 401 with OpenAI's error JSON;
+keys are compared in constant time). Sessions live in namespaces: one per (API key, vLLM's
+`cache_salt`), so the engine's session id is a keyed digest of the key, the salt and the
+session name. Two namespaces naming the same session share nothing: a request reads
+(`cached_tokens`), waits for, overwrites or cuts only its own namespace's sessions, and the
+pool's fair share (sessions.py, Eviction) keeps one namespace from pushing out the sessions of
+another that holds no more than its share of the device pages (and of host memory). A request
+without a session field keeps nothing and reuses nothing; there is no prefix cache shared
+between sessions. What is still shared: the batch (a busy server answers everyone later), the
+pages a namespace holds beyond its share (spilled or dropped when another needs them, so their
+loss tells it that others are busy) and /metrics (server-wide counts: with keys, any key reads
+it). Without keys the server is open: one namespace per `cache_salt`, one for all without.
+
 Requests are batched continuously by the engine (`JaxEngine.submit`): one that arrives while
 others decode joins them at the next step (up to `max_batch` rows); an idle engine waits
 `max_wait_ms` for a burst to gather. Streamed tokens flow back as they are chosen, and a stream whose client
@@ -27,14 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any
 
+import msgspec
 from jinja2.exceptions import TemplateError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -60,15 +80,102 @@ from .requests import (
     JsonSchemaFormat,
     prompt_of,
 )
+from .sessions import SPACE_SEP
 
-__all__ = ["ModelServer", "create_app", "serve"]
+__all__ = ["Access", "ModelServer", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+def _error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None,
+           headers: dict[str, str] | None = None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
+
+
+# --- access and namespaces ------------------------------------------------------------------
+
+NO_KEY = ("no API key: this server needs `Authorization: Bearer KEY` with one of its keys "
+          "(serve-model --api-key)")
+BAD_KEY = "incorrect API key provided"  # never echoed: it may be someone's key with a typo
+
+
+class Unauthorized(Exception):
+    """A request without one of the server's keys: answered 401, `code` OpenAI's."""
+
+    def __init__(self, message: str, code: str | None):
+        super().__init__(message)
+        self.code = code
+
+
+class _Salt(msgspec.Struct):
+    """The one field read beside a body's own: vLLM's prefix-cache namespace."""
+
+    cache_salt: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+
+
+_SALT = msgspec.json.Decoder(_Salt)
+
+
+def salt_of(raw: bytes) -> str:
+    """A body's `cache_salt` ('' if none), or BadRequest. The body already decoded as JSON."""
+    try:
+        return _SALT.decode(raw).cache_salt or ""
+    except msgspec.ValidationError:
+        msg = "`cache_salt` must be a non-empty string if given (it names a prefix-cache namespace)"
+        raise BadRequest(msg, "cache_salt") from None
+
+
+class Access:
+    """Who may call (the API keys) and where each request's sessions live (its namespace).
+
+    A caller is named by the SHA-256 of its key, never the key; namespaces and session ids are
+    digests keyed with a secret of this process, so none of them can be computed outside it.
+    """
+
+    def __init__(self, api_keys: Sequence[str] = ()) -> None:
+        if isinstance(api_keys, str):  # one key given bare: not its characters as keys
+            api_keys = [api_keys]
+        api_keys = list(api_keys or ())
+        for i, key in enumerate(api_keys, 1):
+            if not isinstance(key, str) or not key or any(c.isspace() or not c.isprintable() for c in key):
+                msg = (f"API key #{i} is empty or holds whitespace or control characters: a key is "
+                       f"sent as `Authorization: Bearer KEY`")
+                raise ValueError(msg)
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in dict.fromkeys(api_keys)]
+        self.secret = os.urandom(32)
+
+    @property
+    def open(self) -> bool:
+        return not self.digests
+
+    def caller(self, authorization: str | None) -> str:
+        """The caller's id ('' on an open server), or Unauthorized."""
+        if self.open:
+            return ""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized(NO_KEY, None)
+        given = hashlib.sha256(token.encode("latin-1")).digest()  # header bytes as sent
+        found = None
+        for d in self.digests:  # every key compared, in constant time: no early exit
+            if hmac.compare_digest(given, d) and found is None:
+                found = d
+        if found is None:
+            raise Unauthorized(BAD_KEY, "invalid_api_key")
+        return found.hex()
+
+    def _digest(self, *parts: str) -> str:
+        data = json.dumps(parts).encode()  # a JSON list: no part can run into the next
+        return hashlib.blake2b(data, key=self.secret, digest_size=16).hexdigest()
+
+    def session(self, caller: str, salt: str, name: str | None) -> str | None:
+        """The engine's session key for a request's session `name` (None: no session)."""
+        if name is None:
+            return None
+        space = self._digest("space", caller, salt)
+        return space + SPACE_SEP + self._digest("session", space, name)
 
 
 class _Metrics:
@@ -122,7 +229,7 @@ class _PoolCollector:
 class _Call:
     """One generation request, parsed and checked (BadRequest if it cannot run)."""
 
-    def __init__(self, engine: JaxEngine, body: Body, chat: bool):
+    def __init__(self, engine: JaxEngine, body: Body, chat: bool, session: str | None):
         gen = engine.generator
         self.n = body.n or 1
         if self.n > MAX_SAMPLES:
@@ -148,7 +255,6 @@ class _Call:
                              f"{gen.max_seq_len}", field, "context_length_exceeded")
         max_tokens = body.max_completion_tokens or body.max_tokens or (left if chat else 16)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        session = body.session or body.user or body.prompt_cache_key
         constraint = None
         if isinstance(body.response_format, JsonObjectFormat):
             constraint = self._constraint(engine, {"type": "object"})
@@ -194,8 +300,10 @@ def _choice(chat: bool, i: int, text: str, finish: str) -> dict[str, Any]:
 # --- the app ----------------------------------------------------------------------------------
 
 
-def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
-    """The ASGI app. Its lifespan starts the engine (loading the model)."""
+def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0, api_keys: Sequence[str] = ()) -> Starlette:
+    """The ASGI app. Its lifespan starts the engine (loading the model). With `api_keys`, every
+    endpoint but /health needs one of them (see Access and isolation above)."""
+    access = Access(api_keys)
     metrics = _Metrics(engine)
     engine.feed.max_wait_s = max_wait_ms / 1000
     engine.feed.on_admit, engine.feed.on_done = metrics.batch.observe, metrics.on_done
@@ -210,6 +318,20 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         yield
         await engine.stop()
 
+    def refused(e: Unauthorized) -> Response:
+        return _error(401, str(e), code=e.code, headers={"WWW-Authenticate": "Bearer"})
+
+    def guarded(handler):
+        async def check(request: HttpRequest):
+            try:
+                access.caller(request.headers.get("authorization"))
+            except Unauthorized as e:
+                return refused(e)
+            return await handler(request)
+
+        return check
+
+    @guarded
     async def models(request: HttpRequest):
         return JSONResponse({"object": "list", "data": [
             {"id": engine.model, "object": "model", "created": created, "owned_by": "ponder",
@@ -218,6 +340,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
     async def health(request: HttpRequest):
         return JSONResponse({"status": "ok"})
 
+    @guarded
     async def prometheus(request: HttpRequest):
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -227,6 +350,8 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         endpoint = "chat" if chat else "completions"
         try:
             response = await _answer(request, chat)
+        except Unauthorized as e:
+            response = refused(e)
         except BadRequest as e:
             response = _error(400, str(e), param=e.param, code=e.code)
         except Exception as e:  # a bug shows up as this request's 500, nothing more
@@ -236,7 +361,11 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0) -> Starlette:
         return response
 
     async def _answer(request: HttpRequest, chat: bool) -> Response:
-        call = _Call(engine, bodies[0].parse(await request.body(), chat), chat)
+        caller = access.caller(request.headers.get("authorization"))  # before reading the body
+        raw = await request.body()
+        body = bodies[0].parse(raw, chat)
+        name = body.session or body.user or body.prompt_cache_key
+        call = _Call(engine, body, chat, access.session(caller, salt_of(raw), name))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": engine.model}
@@ -367,8 +496,9 @@ class ModelServer:
     """
 
     def __init__(self, engine: JaxEngine, host: str = "127.0.0.1", port: int = 0, *,
-                 max_wait_ms: float = 5.0) -> None:
+                 max_wait_ms: float = 5.0, api_keys: Sequence[str] = ()) -> None:
         self.engine, self.host, self.port, self.max_wait_ms = engine, host, port, max_wait_ms
+        self.api_keys = api_keys
         self._server = self._thread = None
 
     @property
@@ -383,8 +513,8 @@ class ModelServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self.engine, max_wait_ms=self.max_wait_ms),
-                                log_level="warning", lifespan="on")
+        app = create_app(self.engine, max_wait_ms=self.max_wait_ms, api_keys=self.api_keys)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="ponder-serve-model", daemon=True)
@@ -412,9 +542,11 @@ class ModelServer:
 
 
 def serve(path: str, *, host: str = "127.0.0.1", port: int = 8000, max_wait_ms: float = 5.0,
-          **engine_kw: Any) -> None:
-    """Serve the checkpoint at `path` until interrupted (blocking)."""
+          api_keys: Sequence[str] = (), **engine_kw: Any) -> None:
+    """Serve the checkpoint at `path` until interrupted (blocking). With `api_keys`, callers
+    need one of them; without, the server is open and one namespace per `cache_salt`."""
     import uvicorn
 
     engine = JaxEngine(path, **engine_kw)
-    uvicorn.run(create_app(engine, max_wait_ms=max_wait_ms), host=host, port=port, log_level="warning")
+    app = create_app(engine, max_wait_ms=max_wait_ms, api_keys=api_keys)  # bad keys: before loading
+    uvicorn.run(app, host=host, port=port, log_level="warning")

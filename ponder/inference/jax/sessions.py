@@ -15,10 +15,16 @@ Matching. A prompt reuses the longest common prefix of its tokens and the sessio
 tokens (at most all but its last token, whose logits the caller needs); from the first token
 that differs on, it is recomputed.
 
-Eviction is LRU over keys. When pages run out, the least recently used session not in the
-current round is copied to host memory (numpy) and its pages freed; when host memory passes its
-cap, the least recently used host sessions are dropped. A host session is copied back to fresh
-pages when its key returns; a dropped one is recomputed from scratch.
+Eviction is LRU over keys, fair between namespaces. A key `SPACE\x1fNAME` is session NAME of
+namespace SPACE (`ponder serve-model` makes one per API key and `cache_salt`); a plain key is in
+namespace ''. When pages run out, sessions not in the current round are copied to host memory
+(numpy) and their pages freed, least recently used first, but one namespace never pushes out
+another that holds no more than its share (the pool's pages over the namespaces holding pages,
+the asking one included): a namespace that would pass its share spills its own sessions first,
+then those of namespaces over their share, and its own again after that. Host memory, under its
+own cap, is shared the same way: past the cap, host sessions are dropped by the same rule. A
+host session is copied back to fresh pages when its key returns; a dropped one is recomputed from
+scratch. With one namespace this is plain LRU.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ import numpy as np
 
 from .config import ModelConfig
 
-__all__ = ["TRACES", "PoolFull", "Session", "SessionPool", "common_prefix", "counted_jit"]
+__all__ = ["SPACE_SEP", "TRACES", "PoolFull", "Session", "SessionPool", "common_prefix", "counted_jit",
+           "space_of"]
+
+SPACE_SEP = "\x1f"  # "SPACE\x1fNAME": session NAME of namespace SPACE
 
 # Process-wide count of traces (= compilations) of the engine's jitted functions, by name.
 TRACES: Counter[str] = Counter()
@@ -59,6 +68,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def space_of(key: str) -> str:
+    """The namespace a session key names before SPACE_SEP ('' for a plain key)."""
+    space, sep, _ = key.partition(SPACE_SEP)
+    return space if sep else ""
+
+
 class PoolFull(RuntimeError):
     """Not enough free pages, even after spilling every session outside the current round."""
 
@@ -66,6 +81,7 @@ class PoolFull(RuntimeError):
 @dataclass(eq=False)
 class Session:
     key: str
+    space: str = ""  # its namespace: space_of(key)
     tokens: list[int] = field(default_factory=list)  # ids whose K/V are valid, position order
     pages: list[int] = field(default_factory=list)  # device pages, when on device
     host: tuple[np.ndarray, np.ndarray] | None = None  # K, V pages [L, n, ...], when on host
@@ -207,7 +223,7 @@ class SessionPool:
             raise PoolFull(msg)
         s = self._sessions.get(key)
         if s is None:
-            s = self._sessions[key] = Session(key)
+            s = self._sessions[key] = Session(key, space_of(key))
         self._sessions.move_to_end(key)
         n = common_prefix(s.tokens, prompt[: max(len(prompt) - 1, 0)])
         s.tokens = s.tokens[:n]
@@ -218,7 +234,7 @@ class SessionPool:
                 if len(s.pages) > need:
                     self._free.extend(reversed(s.pages[need:]))
                     del s.pages[need:]
-                s.pages += self._allocate(need - len(s.pages))
+                s.pages += self._allocate(need - len(s.pages), s.space)
             else:
                 self._restore(s, need)
         except PoolFull:
@@ -282,26 +298,60 @@ class SessionPool:
 
     # -- spilling -----------------------------------------------------------------------------
 
-    def _allocate(self, n: int) -> list[int]:
+    def _allocate(self, n: int, space: str) -> list[int]:
+        """`n` free pages for a session of `space`, spilling what the fair share allows."""
         # decide before spilling anything: a request that cannot get its pages now must not
         # push idle sessions off the device (and others off the host) for nothing
-        spillable = sum(len(s.pages) for k, s in self._sessions.items() if s.host is None and k not in self._pinned)
-        if len(self._free) + spillable < n:
-            msg = (f"need {n} free pages, have {len(self._free)} of {self.num_pages}; the sessions in "
-                   f"use hold the rest")
+        victims = self._victims(n, space)
+        if victims is None:
+            msg = (f"need {n} free pages, have {len(self._free)} of {self.num_pages}; the rest hold "
+                   f"sessions in use by this round or within another namespace's share")
             raise PoolFull(msg)
-        while len(self._free) < n:
-            victim = next((s for k, s in self._sessions.items()
-                           if s.host is None and s.pages and k not in self._pinned), None)
-            if victim is None:
-                msg = (f"need {n} free pages, have {len(self._free)} of {self.num_pages}, and every "
-                       f"session on device is in use by this round")
-                raise PoolFull(msg)
-            self._spill(victim)
+        for victim in victims:
+            self._spill(victim, space)
         return [self._free.pop() for _ in range(n)]
 
-    def _spill(self, s: Session) -> None:
-        """Device -> host: copy the pages that hold valid tokens, free them all."""
+    def _victims(self, n: int, space: str) -> list[Session] | None:
+        """The device sessions to spill, in order, so that `space` gets `n` free pages (None:
+        not possible now). See Eviction in the module docstring."""
+        free = len(self._free)
+        if free >= n:
+            return []
+        held: Counter[str] = Counter()
+        for s in self._sessions.values():
+            if s.host is None:
+                held[s.space] += len(s.pages)
+        share = self.num_pages // len({sp for sp, h in held.items() if h} | {space})
+        idle = [s for k, s in self._sessions.items() if s.host is None and s.pages and k not in self._pinned]
+        out = []
+        while free < n:
+            own = next((s for s in idle if s.space == space), None)
+            victim = own if held[space] + n > share else None
+            if victim is None:  # another namespace's, only while it holds more than its share
+                victim = next((s for s in idle if s.space != space and held[s.space] > share), own)
+            if victim is None:
+                return None
+            idle.remove(victim)
+            out.append(victim)
+            free += len(victim.pages)
+            held[victim.space] -= len(victim.pages)
+        return out
+
+    def _host_victim(self, space: str) -> Session | None:
+        """The host session to drop when `space`'s spill passed the host cap (the same rule)."""
+        held: Counter[str] = Counter()
+        for s in self._sessions.values():
+            if s.host is not None:
+                held[s.space] += s.host[0].nbytes + s.host[1].nbytes
+        share = self.host_bytes // len({sp for sp, h in held.items() if h} | {space})
+        idle = [s for k, s in self._sessions.items() if s.host is not None and k not in self._pinned]
+        own = next((s for s in idle if s.space == space), None)
+        if own is not None and held[space] > share:
+            return own
+        return next((s for s in idle if s.space != space and held[s.space] > share), own)
+
+    def _spill(self, s: Session, space: str) -> None:
+        """Device -> host: copy the pages that hold valid tokens, free them all (for `space`)."""
         used = -(-len(s.tokens) // self.page_size)
         pages, s.pages = s.pages, []
         self._free.extend(reversed(pages))
@@ -314,17 +364,16 @@ class SessionPool:
                   np.asarray(read_pages(self.v, idx))[:, :used])
         self.host_used += s.host[0].nbytes + s.host[1].nbytes
         self.stats["spilled"] += 1
-        while self.host_used > self.host_bytes:  # drop the least recently used host sessions
-            victim = next((x for k, x in self._sessions.items()
-                           if x.host is not None and k not in self._pinned), None)
-            if victim is None:  # only a session being restored is left: it frees its bytes soon
+        while self.host_used > self.host_bytes:
+            victim = self._host_victim(space)
+            if victim is None:  # only sessions being restored are left: they free their bytes soon
                 break
             self.drop(victim.key)
             self.stats["dropped"] += 1
 
     def _restore(self, s: Session, need: int) -> None:
         """Host -> device: fresh pages, the first of them filled from host memory."""
-        pages = self._allocate(need)  # may raise PoolFull: the session then stays on host
+        pages = self._allocate(need, s.space)  # may raise PoolFull: the session then stays on host
         hk, hv = s.host
         used = -(-len(s.tokens) // self.page_size)  # tokens were already cut to the match
         self.host_used -= hk.nbytes + hv.nbytes
