@@ -269,6 +269,16 @@ def test_jax_engine_across_event_loops_and_a_stop(ckpt):
     assert asyncio.run(during_stop()).error is None
 
 
+def test_back_to_back_event_loops_each_get_their_answer(ckpt):
+    """asyncio.run after asyncio.run: the engine thread's `serve` from the last loop may still
+    be winding down when the next loop's request arrives, and takes it; the answer must reach
+    the loop that waits for it, not the closed one (it used to be lost: a 20 s timeout)."""
+    eng = JaxEngine(ckpt, **KW)
+    for i in range(20):
+        (a,) = asyncio.run(asyncio.wait_for(eng.generate([_plain(f"loop-{i % 3}", 4)]), 20))
+        assert a.error is None and a.usage.completion_tokens == 4
+
+
 async def test_a_caller_that_gives_up_frees_its_row(ckpt):
     """A caller cancelled mid-decode (asyncio.wait_for does that on a timeout): its row ends at
     the next step instead of running to max_tokens, and the session is free for a retry."""

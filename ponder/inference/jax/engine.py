@@ -136,8 +136,13 @@ class Feed:
 
         def done(i: int, res) -> None:  # engine thread
             self.answered.add(i)
+            # to the loop of the caller waiting for it: a `serve` started from an earlier event
+            # loop (asyncio.run after asyncio.run) may still be running when a later loop's
+            # request arrives, and takes it; its answer must not go to the closed loop
+            fut = self.futures.get(i)
+            target = fut.get_loop() if fut is not None else loop
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-                loop.call_soon_threadsafe(self._resolve, i, res)
+                target.call_soon_threadsafe(self._resolve, i, res)
 
         while True:
             await self.wake.wait()
