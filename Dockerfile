@@ -1,7 +1,7 @@
 # ponder: one image for `ponder worker`, `ponder publish`, `ponder subscribe` and friends.
 #   docker build -t ponder .
 #   docker run --rm ponder worker ponder.pipelines.iot_monitor:pipeline --brokers kafka:9092
-# docker-compose.yml builds it as the `worker` and `publisher` services.
+# docker-compose.yml builds it as the `worker`, `simulator` and `publisher` services.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,18 +14,25 @@ RUN groupadd --system --gid 10001 ponder \
  && useradd --system --uid 10001 --gid ponder --home-dir /app --no-create-home \
             --shell /usr/sbin/nologin ponder
 
-# Only what the package build needs (pyproject names README.md as the readme); no dev/test
-# extras. The source tree is removed after the install: the image runs the installed package.
+# Only what the package build needs (pyproject names README.md as the readme); the jax extra
+# (the tiered pipeline's edge model runs in the worker), no dev/test extras. The source tree
+# is removed after the install: the image runs the installed package.
 COPY pyproject.toml README.md /tmp/ponder-src/
 COPY ponder /tmp/ponder-src/ponder
-RUN pip install /tmp/ponder-src \
+RUN pip install "/tmp/ponder-src[jax]" \
  && rm -rf /tmp/ponder-src \
  && ponder --help > /dev/null
 
+# The edge tier's checkpoint (docker-compose.yml: PONDER_EDGE_ENGINE=jax:/opt/ponder/models/edge):
+# a `tiny` one with RANDOM weights (seed 0). Mount a trained
+# checkpoint over this directory to make its answers mean something.
+RUN ponder init-model /opt/ponder/models/edge --preset tiny --seed 0
+
 # State (RocksDB, one database per group/topic-partition) lives in a volume. The directory is
 # created and chowned here so that a fresh named volume mounted on it inherits the ownership.
-RUN mkdir -p /app /var/lib/ponder \
- && chown ponder:ponder /app /var/lib/ponder
+# /app/sim is where the compose `simulator` writes its fleet for the `publisher`.
+RUN mkdir -p /app/sim /var/lib/ponder \
+ && chown ponder:ponder /app /app/sim /var/lib/ponder
 VOLUME ["/var/lib/ponder"]
 
 WORKDIR /app

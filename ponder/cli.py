@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -105,18 +105,20 @@ def simulate(
     out_dir: Path = typer.Option(Path("runs/sim"), "--out", help="output directory"),
     interval_s: float = typer.Option(10.0, help="seconds between a device's readings"),
     incident_rate: float = typer.Option(0.35, help="fraction of devices with an incident"),
+    tenants: int = typer.Option(0, help="split the devices between N tenants (acme, globex, ...); "
+                                        "events then carry a `tenant` field"),
 ) -> None:
     """Simulate a fleet: DIR/events.jsonl plus DIR/truth.json (injected incidents)."""
     from ponder.simulate import simulate as sim
 
     try:
         s = sim(devices, events_per_device, seed, out_dir, interval_s=interval_s,
-                incident_rate=incident_rate)
+                incident_rate=incident_rate, tenants=tenants)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     err.print(f"wrote {s.events} events of {s.devices} devices and {s.incidents} incidents "
-              f"{dict(s.by_kind)} to {out_dir}")
+              f"{dict(s.by_kind)} to {out_dir}" + (f" (tenants: {', '.join(s.tenants)})" if s.tenants else ""))
 
 
 @app.command()
@@ -166,38 +168,45 @@ def demo(
     events_per_device: int = typer.Option(500, help="readings per device"),
     seed: int = typer.Option(7),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="keep files here [default: a temp dir]"),
+    tenants: int = typer.Option(2, help="tenants the devices are split between (acme, globex, ...)"),
+    edge_preset: str = typer.Option("tiny", help="edge checkpoint preset (in process)"),
+    cloud_preset: str = typer.Option("small", help="cloud checkpoint preset (served on loopback)"),
 ) -> None:
-    """The embedded default job: simulate a fleet, run iot_monitor on it locally, summarise."""
-    from rich.table import Table
+    """The embedded default job: a two-tenant fleet through iot_tiered, with a JAX edge model in
+    process and a `ponder serve-model` cloud on loopback (random weights); summarise."""
+    from ponder.demo import environment_ready, run_demo, tables
 
-    from ponder.connectors.files import JsonlSink, JsonlSource
-    from ponder.evaluate.truth import score as do_score
-    from ponder.simulate import simulate as sim
+    why = environment_ready()
+    if why:
+        err.print(f"[red]error:[/red] {why}")
+        raise typer.Exit(2)
+    if tenants < 1:
+        err.print(f"[red]error:[/red] --tenants must be >= 1, got {tenants}")
+        raise typer.Exit(2)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with tempfile.TemporaryDirectory(prefix="ponder-demo-") as tmp:
-        d = out_dir or Path(tmp)
-        s = sim(devices, events_per_device, seed, d)
-        err.print(f"simulated {s.events} events from {s.devices} devices with {s.incidents} incidents")
-        decisions = d / "decisions.jsonl"
-        sink = JsonlSink(decisions)
-        stats = _run_pipeline("ponder.pipelines.iot_monitor:pipeline", JsonlSource(d / "events.jsonl"),
-                              sink, progress=True, total=s.events)
-        sc = do_score(d / "truth.json", decisions)
-        t = Table(title="ponder demo: iot_monitor on a simulated fleet (reflex tier)")
-        t.add_column("metric")
-        t.add_column("value", justify="right")
-        rate = stats.events / stats.elapsed_s if stats.elapsed_s else 0.0
-        for k, v in [("events", f"{stats.events:,}"), ("keys", f"{stats.keys:,}"),
-                     ("events/s", f"{rate:,.0f}"),
-                     ("escalations", f"{stats.escalations:,} ({1000 * stats.escalations / max(1, stats.events):.1f}/1k)"),
-                     ("dead letters", str(stats.dead_letters)),
-                     *[(f"decisions: {a}", str(n)) for a, n in stats.by_action.most_common()],
-                     ("incident recall", f"{sc.incident_recall:.3f} ({sc.detected}/{sc.incidents})"),
-                     ("false alarms /1k events", f"{sc.false_alarms_per_1k_events:.2f}")]:
-            t.add_row(k, v)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("iot_tiered", total=devices * events_per_device, info="")
+
+        def tick(s) -> None:
+            bar.update(task, completed=s.events,
+                       info=f"esc={s.escalations} dec={s.decisions} degraded={s.degraded} ${s.cost_usd:.4f}")
+
+        try:
+            result = run_demo(devices, events_per_device, seed, out_dir, tenants=tenants, edge_preset=edge_preset,
+                              cloud_preset=cloud_preset, progress=tick, log=lambda m: bar.console.print(m))
+        except ValueError as e:  # the simulator's or a preset's arguments
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from e
+        except RuntimeError as e:  # the model server did not start, or the worker failed
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1) from e
+        tick(result.stats)
+    for t in tables(result):
         out.print(t)
-        if out_dir:
-            err.print(f"files kept in {d}")
+    if out_dir:
+        err.print(f"files kept in {out_dir}")
 
 
 @app.command()
@@ -324,6 +333,10 @@ def serve_model(
     max_seq_len: Optional[int] = typer.Option(None, help="context length [default: the model's]"),
     name: Optional[str] = typer.Option(None, help="model id to report [default: the directory name]"),
     warmup: bool = typer.Option(False, "--warmup/--no-warmup", help="compile the usual shapes first"),
+    api_key: Optional[list[str]] = typer.Option(
+        None, "--api-key", help="a key callers must send as `Authorization: Bearer KEY` (repeat for several; "
+        "default: $PONDER_SERVE_API_KEYS, comma-separated); none: an open server, one cache namespace "
+        "per cache_salt"),
 ) -> None:
     """Serve a checkpoint with the JAX engine behind an OpenAI-compatible API."""
     if not (path / "config.json").exists():
@@ -332,12 +345,20 @@ def serve_model(
     if dtype not in ("float32", "bfloat16"):
         err.print(f"[red]error:[/red] --dtype must be float32 or bfloat16, not {dtype!r}")
         raise typer.Exit(2)
-    from ponder.inference.jax.server import serve
+    from ponder.inference.jax.server import Access, serve
 
-    err.print(f"serving {name or path.name} on http://{host}:{port}/v1 (Ctrl-C stops it)")
+    keys = list(api_key or []) or [k.strip() for k in os.environ.get("PONDER_SERVE_API_KEYS", "").split(",")
+                                   if k.strip()]
+    try:
+        Access(keys)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    err.print(f"serving {name or path.name} on http://{host}:{port}/v1 (Ctrl-C stops it)"
+              + (f", {len(keys)} API key(s)" if keys else ", open (no --api-key)"))
     serve(str(path), host=host, port=port, max_wait_ms=max_wait_ms, dtype=dtype, max_batch=max_batch,
           session_cap_bytes=session_cap_mb << 20, host_cap_bytes=host_cap_mb << 20,
-          max_seq_len=max_seq_len, model_name=name, warmup=warmup)
+          max_seq_len=max_seq_len, model_name=name, warmup=warmup, api_keys=keys)
 
 
 @app.command("init-model")

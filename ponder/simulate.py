@@ -1,10 +1,12 @@
 """Simulate a fleet of IoT devices: keyed telemetry with labelled incidents.
 
 Everything is a pure function of the arguments, so a benchmark can be rerun and scored against
-the same truth. With `tenants`, the devices are split into that many contiguous blocks, one per
-tenant (acme, globex, ...), and every event names its device's tenant in a `tenant` field; the
-readings and incidents are the same as without. Every device reads once inside each step's interval, so the stream is produced in
+the same truth. Every device reads once inside each step's interval, so the stream is produced in
 blocks of whole steps, each sorted on its own, and a million events never sit in memory at once.
+
+With `tenants`, the devices are split into that many contiguous blocks, one per tenant (acme,
+globex, ...), and every event names its device's tenant in a `tenant` field; the readings and
+incidents are the same as without.
 """
 
 from __future__ import annotations

@@ -109,9 +109,9 @@ def test_clear_errors_for_bad_arguments(tmp_path: Path):
     assert r.exit_code == 2 and "does not exist" in r.output
 
 
-def test_demo_prints_summary(tmp_path: Path):
-    r = ponder("demo", "--devices", "30", "--events-per-device", "200", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    for word in ("events", "escalations", "incident recall", "decisions:"):
-        assert word in r.stdout
-    assert (tmp_path / "decisions.jsonl").exists()
+def test_serve_model_refuses_a_bad_api_key_before_loading(tmp_path: Path):
+    (tmp_path / "config.json").write_text("{}")  # never read: the key is checked first
+    r = runner.invoke(app, ["serve-model", str(tmp_path), "--api-key", "good", "--api-key", "has space"])
+    assert r.exit_code == 2
+    assert "API key #2 is empty or holds whitespace or control characters" in " ".join(r.output.split())
+

@@ -206,11 +206,37 @@ def worker_ctx(services):
     return ctx
 
 
+def service_env(svc: dict) -> dict[str, str]:
+    """A service's `environment` (map or list form), already interpolated."""
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def load_service_pipeline(svc: dict, ref: str):
+    """Load a pipeline as the service's container would: with its environment and nothing of
+    ours (a PONDER_* variable set here must not stand in for one the file forgot)."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PONDER_")}
+    os.environ.update(service_env(svc))
+    try:
+        return load_pipeline(ref)
+    finally:
+        for k in service_env(svc):
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def worker_pipeline(services, worker_ctx):
+    return load_service_pipeline(services["worker"], worker_ctx.params["pipeline"])
+
+
 # -- services, dependencies, volumes, ports -------------------------------------------------------
 
 
 def test_compose_file_parses_and_has_the_services(services):
-    for name in ("kafka", "topic-init", "worker", "publisher", "vllm", "prometheus", "grafana"):
+    for name in ("kafka", "topic-init", "worker", "simulator", "publisher", "vllm", "prometheus", "grafana"):
         assert name in services, name
     assert "version" not in load_compose(), "the top-level `version` key is obsolete"
 
@@ -289,6 +315,7 @@ def test_host_ports_are_unique_and_replicas_publish_none(services):
 def test_profiles(services):
     assert services["vllm"].get("profiles") == ["gpu"]
     assert services["publisher"].get("profiles") == ["demo"]
+    assert services["simulator"].get("profiles") == ["demo"]
     for core in ("kafka", "topic-init", "worker", "prometheus", "grafana"):
         assert not services[core].get("profiles"), core
 
@@ -332,6 +359,8 @@ def test_dockerfile():
     assert any("/var/lib/ponder" in v for v in volumes)
     installs = [a for op, a in ins if op == "RUN" and "pip install" in a]
     assert installs, "pip install the package"
+    # the workers' tiered pipeline runs its edge model in process: the jax extra
+    assert re.search(r"pip install[^&;]*\[[^\]]*\bjax\b", " ".join(installs)), "install the jax extra"
     assert not re.search(r"\[[^\]]*\b(test|dev)\b", " ".join(installs)), "no test/dev extras"
 
 
@@ -396,6 +425,7 @@ def test_image_installs_every_distribution_the_commands_import():
             pass
 
     modules = ["ponder.cli", "ponder.pipelines.kafka", "ponder.pipelines.iot_monitor",
+               "ponder.pipelines.iot_tiered", "ponder.inference.jax.engine", "ponder.inference.openai",
                "ponder.connectors.kafka.publish", "ponder.state.rocks", "ponder.runtime.metrics"]
     probe = ("import importlib, importlib.util, sys; base = set(sys.modules)\n"
              f"for m in {modules!r}:\n"
@@ -420,15 +450,15 @@ def test_image_installs_every_distribution_the_commands_import():
 
 def test_every_ponder_command_is_accepted_by_the_cli(services):
     cmds = ponder_commands(services)
-    assert {"worker", "publisher"} <= set(cmds)
+    assert {"worker", "simulator", "publisher"} <= set(cmds)
     for name, cmd in cmds.items():
         assert "entrypoint" not in services[name], f"{name}: keep the image's ENTRYPOINT (ponder)"
         try:
             ctx = parse_ponder_command(cmd)
         except UsageError as e:
             pytest.fail(f"{name}: `ponder {shlex.join(cmd)}` is refused: {e.format_message()}")
-        if "pipeline" in ctx.params:
-            load_pipeline(ctx.params["pipeline"])  # raises if it does not import
+        if "pipeline" in ctx.params:  # raises if it does not import or its environment is short
+            load_service_pipeline(services[name], ctx.params["pipeline"])
 
 
 @pytest.mark.parametrize("args", [
@@ -471,6 +501,8 @@ def test_brokers_named_in_commands_are_kafka_advertised_listeners(services):
     advertised = {a.split("://", 1)[1] for a in env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
     for name, cmd in ponder_commands(services).items():
         ctx = parse_ponder_command(cmd)
+        if "brokers" not in ctx.params:
+            continue  # `simulate` writes files only
         for b in ctx.params["brokers"].split(","):
             assert b in advertised, f"{name}: {b} is not an advertised listener {advertised}"
             assert b.split(":")[0] in services
@@ -530,13 +562,13 @@ def topic_init_creates(svc: dict) -> dict[str, dict]:
     return out
 
 
-def test_topic_init_matches_the_pipeline_and_the_worker(services, worker_ctx):
+def test_topic_init_matches_the_pipeline_and_the_worker(services, worker_ctx, worker_pipeline):
     svc = services["topic-init"]
     assert svc["image"] == services["kafka"]["image"]
     assert depends_on(svc) == {"kafka": "service_healthy"}
     assert svc.get("restart", "no") == "no"
     p = worker_ctx.params
-    pipe = load_pipeline(p["pipeline"])
+    pipe = worker_pipeline
     t_in, t_out, t_dead = pipe.topics
     t_in, t_out, t_dead = p["input_topic"] or t_in, p["output_topic"] or t_out, p["dead_letter_topic"] or t_dead
     group = p["group"] or f"ponder-{pipe.name}"
@@ -552,15 +584,71 @@ def test_topic_init_matches_the_pipeline_and_the_worker(services, worker_ctx):
         assert compact == (topic == changelog), topic
 
 
-def test_publisher_feeds_the_worker(services, worker_ctx):
+def test_publisher_feeds_the_worker_a_simulated_two_tenant_fleet(services, worker_ctx, worker_pipeline):
     ctx = parse_ponder_command(services["publisher"]["command"])
     assert ctx.command.name == "publish"
-    pipe = load_pipeline(worker_ctx.params["pipeline"])
+    pipe = worker_pipeline
     assert ctx.params["topic"] == (worker_ctx.params["input_topic"] or pipe.topics[0])
     assert ctx.params["partitions"] == worker_ctx.params["partitions"]
-    assert ctx.params["simulate_fleet"] and not ctx.params["progress"]
+    assert not ctx.params["simulate_fleet"] and not ctx.params["progress"]
     assert ctx.params["key_field"] == pipe.key
-    assert depends_on(services["publisher"]).get("topic-init") == "service_completed_successfully"
+    deps = depends_on(services["publisher"])
+    assert deps == {"topic-init": "service_completed_successfully", "simulator": "service_completed_successfully"}
+    # the file it publishes is the one the simulator writes, on a volume both mount at one path
+    sim = parse_ponder_command(services["simulator"]["command"])
+    assert sim.command.name == "simulate" and services["simulator"].get("restart") == "no"
+    assert PurePosixPath(str(ctx.params["file"])) == PurePosixPath(str(sim.params["out_dir"])) / "events.jsonl"
+    mounts = [{(src, tgt) for kind, src, tgt in volume_mounts(services[n]) if kind == "volume"}
+              for n in ("simulator", "publisher")]
+    assert mounts[0] & mounts[1] and any(tgt == str(sim.params["out_dir"]) for _, tgt in mounts[0] & mounts[1])
+    # the image creates the mount point owned by its user, so a fresh volume is writable by it
+    chowned = " ".join(a for op, a in dockerfile_instructions() if op == "RUN" and "chown" in a)
+    assert str(sim.params["out_dir"]) in chowned
+    # its events name their tenant in the field the pipeline bills by, for two tenants
+    from ponder.simulate import Fleet
+
+    assert sim.params["tenants"] >= 2 and pipe.tenant == "tenant"
+    event = next(Fleet(4, 1, 0, tenants=sim.params["tenants"]).iter_events())
+    assert pipe.tenant in event and pipe.schema is not None and pipe.tenant in pipe.schema.__struct_fields__
+
+
+def test_worker_runs_the_tiered_pipeline_with_vllm_as_the_cloud_tier(services, worker_pipeline):
+    tiers = {t.name: t for t in worker_pipeline.tiers}
+    assert set(tiers) == {"reflex", "edge", "cloud"}
+    # cloud: the vllm service, at the port it listens on, asking for the model it serves
+    m = re.fullmatch(r"http://([^:/]+):(\d+)/v1", tiers["cloud"].engine)
+    assert m, tiers["cloud"].engine
+    vllm = services["vllm"]
+    cmd = vllm["command"]
+    assert m.group(1) == "vllm" and int(m.group(2)) == int(cmd[cmd.index("--port") + 1])
+    assert int(m.group(2)) in container_ports(vllm)
+    assert tiers["cloud"].model == cmd[cmd.index("--model") + 1]
+    raw_env = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["environment"]
+    assert raw_env["PONDER_CLOUD_MODEL"] == "${VLLM_MODEL:-Qwen/Qwen2.5-0.5B-Instruct}"  # follows VLLM_MODEL
+    assert tiers["cloud"].price is not None and tiers["edge"].price is not None
+    # edge: in process, on the checkpoint the Dockerfile writes with `ponder init-model`
+    assert tiers["edge"].engine.startswith("jax:")
+    ckpt = tiers["edge"].engine.removeprefix("jax:")
+    inits = [shlex.split(a) for op, a in dockerfile_instructions() if op == "RUN" and "init-model" in a]
+    assert len(inits) == 1 and inits[0][0] == "ponder"
+    ctx = parse_ponder_command(inits[0][1:])
+    assert ctx.command.name == "init-model" and str(ctx.params["out_dir"]) == ckpt
+    # the budgets hold for the whole group: caps per tenant at the cloud tier and one overall
+    caps = {(b.tenant, b.tier) for b in worker_pipeline.budgets}
+    assert caps == {("acme", "cloud"), ("globex", "cloud"), ("*", "*")}
+
+
+def test_the_tiered_pipeline_without_its_environment_says_what_is_missing(monkeypatch):
+    for k in ("PONDER_EDGE_ENGINE", "PONDER_CLOUD_URL"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match=r"needs \$PONDER_EDGE_ENGINE: jax:CHECKPOINT_DIR"):
+        load_pipeline("ponder.pipelines.iot_tiered:pipeline")
+    monkeypatch.setenv("PONDER_EDGE_ENGINE", "jax:/models/edge")
+    with pytest.raises(ValueError, match=r"needs \$PONDER_CLOUD_URL: the URL of an OpenAI-compatible server"):
+        load_pipeline("ponder.pipelines.iot_tiered:pipeline")
+    monkeypatch.setenv("PONDER_CLOUD_URL", "vllm:8000")
+    with pytest.raises(ValueError, match=r"\$PONDER_CLOUD_URL must be an http\(s\):// URL .*got 'vllm:8000'"):
+        load_pipeline("ponder.pipelines.iot_tiered:pipeline")
 
 
 def test_vllm(services):

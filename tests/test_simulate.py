@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ponder.simulate import DURATIONS, FIELDS, KINDS, Fleet, incidents, iter_events, simulate
+from ponder.simulate import DURATIONS, FIELDS, KINDS, Fleet, incidents, iter_events, simulate, tenant_names
 
 DEVICES, EPD, SEED = 40, 600, 11
 WARM = min(100, EPD // 4)
@@ -198,6 +198,8 @@ def test_blocks_span_many_steps_and_many_devices():
         ({"interval_s": float("nan")}, "interval_s must be"),
         ({"incident_rate": 1.5}, "incident_rate must be within"),
         ({"start_ts": float("inf")}, "start_ts must be finite"),
+        ({"tenants": -1}, r"tenants must be within \[0, devices=2\]"),
+        ({"tenants": 3}, r"tenants must be within \[0, devices=2\] \(each tenant owns a device\), got 3"),
     ],
 )
 def test_bad_args(tmp_path, kwargs, match):
@@ -205,3 +207,48 @@ def test_bad_args(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         simulate(**args)
     assert not (tmp_path / "events.jsonl").exists()
+
+
+def test_tenants_split_the_devices_and_change_nothing_else(run):
+    _, _, events, truth, _ = run
+    assert "tenants" not in truth and all("tenant" not in e for e in events)  # the default: none
+    fleet = Fleet(DEVICES, EPD, SEED, incident_rate=1.0, tenants=3)
+    with_tenants = list(fleet.iter_events())
+    assert [{k: v for k, v in e.items() if k != "tenant"} for e in with_tenants] == events
+    assert list(with_tenants[0]) == ["device_id", "ts", "site", *FIELDS, "status", "tenant"]
+    owner = {}
+    for e in with_tenants:
+        assert owner.setdefault(e["device_id"], e["tenant"]) == e["tenant"]  # a device keeps its tenant
+    keys = fleet.keys
+    # contiguous blocks of 40 // 3 or one more devices, in name order
+    expected = {"acme": keys[:14], "globex": keys[14:27], "initech": keys[27:]}
+    assert fleet.truth()["tenants"] == expected
+    assert {t: sorted(k for k, o in owner.items() if o == t) for t in expected} == expected
+    assert fleet.truth()["incidents"] == truth["incidents"]
+
+
+def test_tenant_names_and_the_summary(tmp_path):
+    assert tenant_names(0) == ()
+    assert tenant_names(6) == ("acme", "globex", "initech", "umbrella", "tenant-4", "tenant-5")
+    s = simulate(4, 10, 0, tmp_path, tenants=4)
+    assert s.tenants == ("acme", "globex", "initech", "umbrella")
+    lines = [msgspec.json.decode(x) for x in Path(s.events_path).read_bytes().splitlines()]
+    assert {(e["device_id"], e["tenant"]) for e in lines} == {
+        ("dev-00000", "acme"), ("dev-00001", "globex"), ("dev-00002", "initech"), ("dev-00003", "umbrella")}
+    assert simulate(4, 10, 0, tmp_path / "none").tenants == ()
+
+
+def test_cli_simulate_with_tenants(tmp_path):
+    from typer.testing import CliRunner
+
+    from ponder.cli import app
+
+    r = CliRunner().invoke(app, ["simulate", "--devices", "6", "--events-per-device", "20", "--tenants", "2",
+                                 "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "(tenants: acme, globex)" in " ".join(r.output.split())  # rich wraps long lines
+    events = [msgspec.json.decode(x) for x in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    assert len(events) == 120
+    assert sorted(Counter(e["tenant"] for e in events).items()) == [("acme", 60), ("globex", 60)]
+    r = CliRunner().invoke(app, ["simulate", "--devices", "2", "--tenants", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "tenants must be within [0, devices=2]" in " ".join(r.output.split())

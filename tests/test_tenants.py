@@ -4,6 +4,7 @@ record without a usable tenant is a dead letter."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from ponder.connectors.base import Record
@@ -86,3 +87,13 @@ def test_tenant_from_a_header_and_records_without_a_usable_tenant_are_dead_lette
 def test_a_tenant_setting_must_name_another_field():
     with pytest.raises(ValueError, match="tenant must name an event field other than the key"):
         pipeline("k")
+
+
+def test_a_schema_without_the_tenant_field_is_refused_when_the_pipeline_is_defined():
+    class Reading(msgspec.Struct):
+        k: str
+        ts: float
+
+    with pytest.raises(ValueError, match="the schema Reading must declare the tenant field 'org'"):
+        Pipeline(name="t", key="k", actions=("none",), schema=Reading, tenant="org")
+    Pipeline(name="t", key="k", actions=("none",), schema=Reading, tenant="header:x-org")  # headers are not payload

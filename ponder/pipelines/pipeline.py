@@ -101,6 +101,10 @@ class Pipeline:
             bad("key field must be named")
         if self.tenant is not None and (not self.tenant or self.tenant in (self.key, self.time, "header:")):
             bad(f"tenant must name an event field other than the key and time, or header:NAME; got {self.tenant!r}")
+        if self.tenant is not None and not self.tenant.startswith("header:") and self.schema is not None \
+                and self.tenant not in getattr(self.schema, "__struct_fields__", ()):
+            # a schema'd payload keeps only the schema's fields: every event would lack its tenant
+            bad(f"the schema {self.schema.__name__} must declare the tenant field {self.tenant!r}")
         if not self.actions or len(set(self.actions)) != len(self.actions):
             bad(f"actions must be non-empty and unique, got {self.actions!r}")
         for r in self.reflex:
