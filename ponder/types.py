@@ -103,9 +103,16 @@ class Finding(msgspec.Struct, frozen=True):
     detail: str = ""
 
 
-class Span(msgspec.Struct, frozen=True):
+class Span(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One timed stage of a decision on a monotonic clock: it began `start_ms` after the
+    decision did and lasted `ms`. `parts` are the stages inside it (a call's batch wait and
+    engine time, the engine's own phases); `attrs` say what it worked on or chose."""
+
     name: str
     ms: float
+    start_ms: float = 0.0
+    parts: list[Span] = []
+    attrs: dict[str, str | int | float | bool | list[str]] = {}
 
 
 class Trace(msgspec.Struct, frozen=True):
@@ -114,7 +121,7 @@ class Trace(msgspec.Struct, frozen=True):
     gate_score: float
     findings: list[Finding]
     route: list[str]  # tiers tried, in order
-    spans: list[Span] = []
+    spans: list[Span] = []  # one per model call, named by its tier
     errors: list[str] = []
     skipped: list[str] = []  # tiers passed over without a call, and why: "edge: breaker open"
     # the usage and cost forecast before the model calls were made (operators/forecast.py),
@@ -124,6 +131,9 @@ class Trace(msgspec.Struct, frozen=True):
     vote: dict[str, int] | None = None
     # the privacy policy's changes to the triggering event (field -> action), never values
     privacy: dict[str, str] | None = None
+    # the reasoner's own work between the calls in `spans`: context render, each route
+    # step (with why), each answer's validation (decide)
+    stages: list[Span] = []
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -19,7 +19,7 @@ def test_setup_has_exactly_two_commands():
     setup = README.read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0]
     cmds = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
     assert [c.strip() for c in cmds] == [
-        "pip install -e . && ponder demo",
+        "pip install -e '.[jax]' && ponder demo",
         "pip install -e '.[test]' && python -m pytest -q",
     ]
     ci = (README.parent / ".ci" / "run").read_text()

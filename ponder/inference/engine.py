@@ -64,6 +64,12 @@ class Completion(msgspec.Struct, frozen=True):
     # a request with n > 1: every sample's text, in order (`text` is the first); `usage` covers
     # them all, the prompt counted once
     samples: tuple[str, ...] = ()
+    # where the call's time went, in seconds on a monotonic clock. An engine may give its own
+    # phases, back to back from the start of its `generate` and in order (an in-process model:
+    # `queue`, `prefill`, `decode`; a server: `first token`, `decode`); the runtime adds
+    # `batch wait` (submitted until the engine started on the batch) and `engine` (the whole
+    # `generate`), which a decision's trace lays the engine's phases inside
+    timings: dict[str, float] | None = None
 
 
 class EngineError(RuntimeError):

@@ -43,6 +43,12 @@ A request that still fails yields a Completion with `error` set, so one bad requ
 fail its batch; but when *no* request of a batch could even connect, `generate` raises
 EngineError.
 
+Timings. A completion says where its request's time went (`Completion.timings`), from the
+start of `generate`: `queue` (waiting for one of the client's concurrent requests, and on
+first use the discovery; `retries` before it: the failed attempts and their backoff), then,
+streamed, `first token` (sent until the first event: the server's queue and prefill, and the
+network) and `decode` (until the last event), or, answered whole, `response`.
+
 Usage. Every attempt's tokens count: prompt tokens once the server has started on it, the
 completion tokens it streamed. Cached prompt tokens come from `usage` where the server reports
 them; where it does not, they are estimated from the prefix this client last sent for the same
@@ -105,6 +111,7 @@ class _Attempt:
     error: str = ""  # set when the attempt failed
     started: bool = False  # the server began on it: its prompt is paid for
     chunks: int = 0  # streamed content events (one per token on the servers we know)
+    first: float = 0.0  # when the first streamed event arrived (loop clock); 0 when none did
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     unreachable: bool = False
@@ -287,18 +294,28 @@ class OpenAIEngine:
         if req.n > 1 and not self.profile.n:
             return await self._samples_apart(req, deadline)
         loop = asyncio.get_running_loop()
+        started = deadline - self.timeout_s  # when `generate` began
         total = Usage()
         attempt = 0
         while True:
             body, mode = self.body(req), self.structured
+            queued = loop.time()
             async with self._sem:
+                sent = loop.time()
                 a = await self._attempt(body, deadline)
+                done = loop.time()
                 usage = await self._usage(req, a, deadline)
             total = total + usage
             if not a.error and a.status == 200:
                 samples = tuple(a.texts) if req.n > 1 else ()
+                timings = {"retries": queued - started} if attempt else {}
+                timings["queue"] = sent - (queued if attempt else started)
+                if a.first:
+                    timings.update({"first token": a.first - sent, "decode": done - a.first})
+                else:
+                    timings["response"] = done - sent
                 return Completion(a.texts[0], total, a.model or self.model, a.finish,
-                                  enforced=body_enforced(body), samples=samples), False
+                                  enforced=body_enforced(body), samples=samples, timings=timings), False
             error = a.error or f"HTTP {a.status}: {a.body[:300]}"
             if a.unreachable:
                 error = f"{error} (after {attempt + 1} attempts)" if attempt else error
@@ -423,6 +440,7 @@ class OpenAIEngine:
             if data == "[DONE]":
                 break
             a.started = True
+            a.first = a.first or loop.time()
             if self.stall_s is not None and deadline is not None:
                 clock.reschedule(min(deadline, loop.time() + self.stall_s))
             try:

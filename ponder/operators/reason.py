@@ -2,6 +2,12 @@
 
 The runtime injects `call(tier, request) -> Completion` (it owns batching and engines), so this
 operator stays free of runtime imports and can run inside another stream processor.
+
+Every decision carries its timings (`Trace.spans`, `Trace.stages`), each stage measured around
+the work it names on the reasoner's monotonic clock: the context render, each route step and
+why it chose its tier, each call (split into its batch wait, the engine's time and the wait
+for the event loop to resume the reasoner, as the runtime and the engine report them in
+`Completion.timings`) and each answer's validation (decide). A runtime may turn them into trace spans (runtime/tracing.py).
 """
 
 from __future__ import annotations
@@ -73,15 +79,22 @@ class Reasoner:
         skipped: list[str] = []  # tiers passed over without a call, and why
         holds: dict[str, Hold] = {}  # a budget reservation per tier handed out, until its call ends
         tenant = event.tenant or DEFAULT_TENANT
-        rendered: list[ctx.Prompt] = []  # the context, rendered once for every tier tried
         did = decision_id(event.key, event.source)
         # the vote's samples are seeded from the decision, so a replayed event draws the same ones
         seed = int.from_bytes(hashlib.blake2b(did.encode(), digest_size=4).digest(), "big") >> 1
 
+        stages: list[Span] = []  # the reasoner's own work, timed
+
+        def stage(name: str, began: float, attrs: dict[str, Any]) -> None:
+            stages.append(Span(name, _ms(self.clock() - began), _ms(began - t0), attrs=attrs))
+
+        # rendered before routing (the budgets' claims need the prompt), once for every tier
+        began = self.clock()
+        prompt = ctx.render(self.policy, st, self.head, verdict.findings)
+        stage("context render", began, {"prefix_chars": len(prompt.prefix), "tail_chars": len(prompt.tail)})
+
         def request(tier: str) -> Request:
-            if not rendered:
-                rendered.append(ctx.render(self.policy, st, self.head, verdict.findings))
-            return self.request(st, event, verdict, tier, rendered[0], local)
+            return self.request(st, event, verdict, tier, prompt, local)
 
         def samples_at(spec) -> int:
             """Samples the first call at a tier draws: a vote's first round, or one."""
@@ -127,12 +140,14 @@ class Reasoner:
                 p = Usage(p.prompt_tokens, p.cached_prompt_tokens, p.completion_tokens * req.n)
                 predicted += msgspec.structs.replace(p, cost_usd=self._cost(spec, p))
             s0 = self.clock()
+            failure = ""
             try:
                 comp = await call(tier, req)
             except Exception as e:  # noqa: BLE001 - any backend failure downgrades
                 comp = None
-                errors.append(f"{tier}: {type(e).__name__}: {e}"[:300])
-            spans.append(Span(tier, round((self.clock() - s0) * 1000.0, 3)))
+                failure = f"{type(e).__name__}: {e}"[:300]
+                errors.append(f"{tier}: {failure}")
+            spans.append(_call_span(tier, _ms(s0 - t0), _ms(self.clock() - s0), req, comp, failure))
             u = comp.usage if comp is not None else Usage()
             usd = u.cost_usd or self._cost(spec, u)
             if comp is not None:
@@ -164,12 +179,31 @@ class Reasoner:
                     req, n=n, temperature=spec.vote.temperature, seed=seed + tally.drawn))
                 if comp is None:
                     break
-                tally.add([parse_answer(t, self.actions)[0] for t in (comp.samples or (comp.text,))[:n]])
+                tally.add([a for a, _ in judge(tier, (comp.samples or (comp.text,))[:n])])
             votes.append(tally.counts())
             return tally.winner()
 
-        tier = router.first(verdict.score, need, skipped, claim)
-        degraded = tier != router.wanted(verdict.score)
+        def judge(tier: str, texts) -> list[tuple[Any, str | None]]:
+            """Each text parsed and validated: (answer or None, error)."""
+            began = self.clock()
+            out = [parse_answer(t, self.actions) for t in texts]
+            stage("decide", began, {"tier": tier, "answers": len(out),
+                                    "valid": sum(a is not None for a, _ in out)})
+            return out
+
+        def move(step: str, why: str, pick: Callable[..., str | None], *args: Any, **kw: Any) -> str | None:
+            """A route step `pick(*args, **kw)`, timed, with why it moved and the tiers it
+            passed over (and why)."""
+            began, passed = self.clock(), len(skipped)
+            chosen = pick(*args, **kw)
+            stage("route", began, {"step": step, "why": why, "score": round(verdict.score, 4),
+                                   "tier": chosen or "", "skipped": skipped[passed:]})
+            return chosen
+
+        wanted = router.wanted(verdict.score)
+        tier = move("first", f"score {verdict.score:.2f} asks for {wanted}",
+                    router.first, verdict.score, need, skipped, claim)
+        degraded = tier != wanted
         tried: set[str] = set()
         votes: list[dict[str, int]] = []
         best = None  # (answer, tier, model): a valid but unconfident answer, kept in case
@@ -194,17 +228,17 @@ class Reasoner:
                     degraded = True
                     if best is not None:
                         break  # a lower tier's valid answer stands: better than falling to reflex
-                    tier = router.down(tier, tried, skipped=skipped, claim=claim)
+                    tier = move("down", f"{tier} failed", router.down, tier, tried, skipped=skipped, claim=claim)
                     repair = ""
                     continue
                 router.succeeded(tier, comp.usage.prompt_tokens + comp.usage.completion_tokens)
                 if first > 1:
                     tally = Tally(spec.vote.n)
-                    tally.add([parse_answer(t, self.actions)[0] for t in (comp.samples or (comp.text,))[:first]])
+                    tally.add([a for a, _ in judge(tier, (comp.samples or (comp.text,))[:first])])
                     answer = await vote(tier, spec, request(tier), tally)
                     err = None if answer is not None else f"no valid answer among {tally.drawn} samples"
                 else:
-                    answer, err = parse_answer(comp.text, self.actions)
+                    ((answer, err),) = judge(tier, (comp.text,))
                     if answer is not None and spec.vote is not None and spec.vote.checks(answer):
                         tally = Tally(spec.vote.n)
                         tally.add([answer])  # the first answer takes part in the vote it called
@@ -215,13 +249,14 @@ class Reasoner:
                         repair = ctx.repair_note(err or "")  # once per tier, if the budget allows
                         continue
                     repair = ""
-                    nxt = router.up(tier, tried, need, skipped, claim)
+                    nxt = move("up", f"no valid answer at {tier}", router.up, tier, tried, need, skipped, claim)
                     if nxt is None and best is not None:
                         degraded = True  # the climb for a confident answer failed
                         break  # climbed from a valid, unconfident answer to garbage: keep the answer
                     if nxt is None:
                         degraded = True
-                        nxt = router.down(tier, tried, skipped=skipped, claim=claim) if tier != "reflex" else None
+                        nxt = move("down", f"no valid answer at {tier} and none above", router.down, tier,
+                                   tried, skipped=skipped, claim=claim) if tier != "reflex" else None
                     if nxt is None or nxt in tried:
                         break
                     tier = nxt
@@ -231,7 +266,8 @@ class Reasoner:
                 if best is None or answer.confidence >= best[0].confidence:
                     best = (answer, tier, comp.model)
                 if answer.confidence < spec.min_confidence:
-                    nxt = router.up(tier, tried, need, skipped, claim)
+                    nxt = move("up", f"confidence {answer.confidence:.2f} < {spec.min_confidence:.2f} at {tier}",
+                               router.up, tier, tried, need, skipped, claim)
                     if nxt is not None:
                         tier = nxt
                         continue
@@ -268,6 +304,44 @@ class Reasoner:
             trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped,
                         msgspec.structs.replace(predicted, cost_usd=round(predicted.cost_usd, 8))
                         if predicted.prompt_tokens else None,
-                        votes[-1] if votes else None, verdict.privacy or None),
+                        votes[-1] if votes else None, verdict.privacy or None, stages),
             headers=event.headers,
         )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _call_span(tier: str, start_ms: float, ms: float, req: Request, comp: Completion | None,
+               failure: str) -> Span:
+    """A call's span: its usage and model, and its time split as `comp.timings` tells (batch
+    wait, then the engine, the engine's own phases back to back inside it, then the wait until
+    the event loop resumed the reasoner with the answer), kept within it."""
+    attrs: dict[str, Any] = {"samples": req.n}
+    if comp is None:
+        return Span(tier, ms, start_ms, attrs={**attrs, "error": failure})
+    u = comp.usage
+    attrs.update(model=comp.model, prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+                 completion_tokens=u.completion_tokens, finish=comp.finish_reason)
+    if comp.error:
+        attrs["error"] = comp.error[:300]
+    t = comp.timings
+    if not t:
+        return Span(tier, ms, start_ms, attrs=attrs)
+    phases = [(name, secs * 1000.0) for name, secs in t.items() if name not in ("batch wait", "engine")]
+    end, at, parts = start_ms + ms, start_ms, []
+    if "batch wait" in t:
+        d = max(0.0, min(t["batch wait"] * 1000.0, end - at))
+        parts.append(Span("batch wait", round(d, 3), round(at, 3)))
+        at += d
+    took = max(0.0, min(t["engine"] * 1000.0 if "engine" in t else sum(d for _, d in phases), end - at))
+    inside, p = [], at
+    for name, d in phases:
+        d = max(0.0, min(d, at + took - p))
+        inside.append(Span(name, round(d, 3), round(p, 3)))
+        p += d
+    parts.append(Span("engine", round(took, 3), round(at, 3), inside))
+    if "engine" in t:  # the engine was done, the reasoner not yet resumed with its answer
+        parts.append(Span("return wait", round(max(0.0, end - at - took), 3), round(at + took, 3)))
+    return Span(tier, ms, start_ms, parts, attrs)

@@ -3,7 +3,8 @@
 A batch goes to the engine when it reaches `max_batch` requests or its oldest request has
 waited `max_wait`, whichever comes first, and only while fewer than `max_concurrency` batches
 are in flight; past that the tier is saturated and requests queue here, which backs up the
-lanes and, through them, the source.
+lanes and, through them, the source. Each completion comes back with how long its request
+waited for its batch to start and how long the engine took (`Completion.timings`).
 
 Fair sharing. Queued requests wait in one queue per tenant. Each batch is formed by deficit
 round robin over the tenants with requests waiting: on its turn a tenant's deficit grows by its
@@ -28,14 +29,33 @@ below its share is between requests (`linger_s=0`: never).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 
+import msgspec
+
 from ponder.inference.engine import Completion, Engine, EngineError, Request
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "timed_generate", "with_timings"]
 
-_Item = tuple[Request, "asyncio.Future[Completion]"]
+# a request, the future its lane awaits, and when it was submitted (perf_counter)
+_Item = tuple[Request, "asyncio.Future[Completion]", float]
+
+
+async def timed_generate(engine: Engine, requests: Sequence[Request]) -> tuple[list[Completion], float, float]:
+    """The engine's completions, and when its `generate` started and ended (perf_counter).
+    Taken inside the coroutine, so the wait for the event loop to start it is not counted as
+    the engine's work."""
+    start = time.perf_counter()
+    out = await engine.generate(requests)
+    return out, start, time.perf_counter()
+
+
+def with_timings(comp: Completion, waited_s: float, engine_s: float) -> Completion:
+    """`comp` with the runtime's part of its timings added to the engine's own phases."""
+    return msgspec.structs.replace(comp, timings={**(comp.timings or {}), "batch wait": waited_s,
+                                                  "engine": engine_s})
 
 
 class Batcher:
@@ -82,7 +102,7 @@ class Batcher:
             q = self._queues[tenant] = deque()
         if not q:
             self._turns.append(tenant)
-        q.append((request, fut))
+        q.append((request, fut, time.perf_counter()))
         self._queued += 1
         if self._queued >= self.max_batch:
             self._dispatch(full_only=True)
@@ -112,7 +132,7 @@ class Batcher:
                 continue
             self._free -= 1
             self._sent += 1
-            self._flying[self._sent] = Counter(r.tenant if self.fair else "" for r, _ in batch)
+            self._flying[self._sent] = Counter(r.tenant if self.fair else "" for r, _, _ in batch)
             task = asyncio.create_task(self._run(batch, self._sent))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -188,20 +208,21 @@ class Batcher:
         self.requests += len(batch)
         try:
             try:
-                out = await asyncio.wait_for(self.engine.generate([r for r, _ in batch]), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # in this task: no extra turn of the loop
+                    out, start, end = await timed_generate(self.engine, [r for r, _, _ in batch])
                 if len(out) != len(batch):
                     msg = f"engine {self.engine.name!r} returned {len(out)} completions for {len(batch)} requests"
                     raise EngineError(msg)
             except Exception as e:  # noqa: BLE001 - handed to every waiting lane
                 if isinstance(e, asyncio.TimeoutError):
                     e = EngineError(f"engine {self.engine.name!r} timed out after {self.timeout_s}s")
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 return
-            for (_, fut), comp in zip(batch, out):
+            for (_, fut, submitted), comp in zip(batch, out):
                 if not fut.done():
-                    fut.set_result(comp)
+                    fut.set_result(with_timings(comp, start - submitted, end - start))
         finally:
             now = asyncio.get_running_loop().time()
             for tenant in self._flying.pop(number):  # re-inserted: the dict stays oldest first

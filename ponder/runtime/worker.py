@@ -12,6 +12,10 @@ positions below which everything is done. Key states, stores, epochs and the che
 protocol itself belong to `Partitions` (runtime/checkpoint.py); the worker keeps admission,
 lanes and tier dispatch.
 
+With OpenTelemetry configured in the environment (runtime/tracing.py), each escalated event's
+path becomes a trace: the runtime stamps its decode, gate, lane wait and sink on the monotonic
+clock, and the reasoner's stages come from the decision's own trace.
+
 An error that is one event's fault (it cannot be decoded, observed or decided) makes that
 event a dead letter and the stream moves on. Any other error (a sink that cannot write, a
 bug) stops the worker: the event it happened on is never marked done, no further checkpoint
@@ -37,10 +41,11 @@ from ponder.inference.engine import Completion, Engine, EngineError, Request
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyLogic
 from ponder.operators.route import TierSpec
-from ponder.runtime.batcher import Batcher
+from ponder.runtime.batcher import Batcher, timed_generate, with_timings
 from ponder.runtime.checkpoint import Partitions
 from ponder.runtime.decode import Decoder
 from ponder.runtime.ledger import write_ledger
+from ponder.runtime.tracing import Stamps, from_env
 from ponder.runtime.tracker import CompletionTracker
 from ponder.state.base import Changelog, Store
 from ponder.types import DeadLetter, Decision, Event, SourcePos
@@ -48,6 +53,7 @@ from ponder.types import DeadLetter, Decision, Event, SourcePos
 __all__ = ["Worker", "WorkerFailed", "RunStats"]
 
 logger = logging.getLogger(__name__)
+_now = time.monotonic_ns  # the clock of trace stamps
 
 @dataclass
 class RunStats:
@@ -145,6 +151,12 @@ class Worker:
                 self._batchers[spec.name] = Batcher(
                     engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
                     max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, weights=tenant_weights)
+        # traces of escalated events, when the environment configures an exporter (else None,
+        # and the event path takes no clock reading for them)
+        privacy = getattr(logic, "privacy", None)
+        self.tracing = from_env(tiers, self.engines, pipeline=name,
+                                pseudonym=privacy.pseudonym if privacy is not None else None)
+        self._stamps: dict[int, Stamps] = {}  # id(event) -> its stamps, while it waits in a lane
 
     @property
     def store(self) -> Store:
@@ -238,6 +250,8 @@ class Worker:
         if started:
             closers.append(self.source.stop)
         closers.extend(e.stop for e in self.engines.values())
+        if self.tracing is not None:
+            closers.append(self.tracing.close)
         for close in closers:
             # bounded: a broker that is gone must not keep a failed worker from exiting
             try:
@@ -291,23 +305,42 @@ class Worker:
             pos = rec.source = SourcePos(pos.topic, pos.partition, pos.offset, epoch)
         self.tracker.received(pos.topic, pos.partition, pos.offset)
         self.stats.events += 1
+        # with tracing, four clock readings an event; its stamps are kept only if it escalates
+        # or waits in a lane (then it may escalate later)
+        tracing = self.tracing is not None
+        if tracing:
+            began = _now()
         ev = self.decoder(rec)  # never raises: whatever is wrong with a record is its dead letter
         if type(ev) is DeadLetter:
             self._dead(ev)
             self.tracker.done(pos.topic, pos.partition, pos.offset)
             return
+        if tracing:
+            decoded = _now()
         lane = self._lanes.get(ev.key)
         if lane is not None:
             lane.append(ev)
             self._inflight += 1
+            if tracing:
+                self._stamps[id(ev)] = Stamps(began, decoded)
             return
-        verdict = self._observe(ev)
+        if tracing:
+            gate = _now()
+            verdict = self._observe(ev)
+            gated = _now()
+        else:
+            verdict = self._observe(ev)
         if verdict is None or not verdict.escalate:
             self.tracker.done(pos.topic, pos.partition, pos.offset)
             return
         self._lanes[ev.key] = deque()
         self._inflight += 1
-        task = asyncio.create_task(self._lane(ev, verdict))
+        stamps = None
+        if tracing:
+            stamps = Stamps(began, decoded)
+            stamps.gate, stamps.gated = gate, gated
+            stamps.queued = gated  # its lane wait: from the task's creation until it runs
+        task = asyncio.create_task(self._lane(ev, verdict, stamps))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -329,16 +362,18 @@ class Worker:
             self.stats.escalations += 1
         return verdict
 
-    async def _lane(self, ev: Event, verdict: Verdict | None) -> None:
+    async def _lane(self, ev: Event, verdict: Verdict | None, stamps: Stamps | None = None) -> None:
         """Work through one key's events in order, starting with an escalated one. An error
         here is not one event's fault (decide turns those into dead letters): the worker stops,
         and this event is never marked done, so nothing past it is committed."""
         key = ev.key
         lane = self._lanes[key]
+        if stamps is not None:
+            stamps.taken = _now()
         try:
             while True:
                 if verdict is not None and verdict.escalate:
-                    await self._decide(ev, verdict)
+                    await self._decide(ev, verdict, stamps)
                 src = ev.source
                 self.tracker.done(src.topic, src.partition, src.offset)
                 self._inflight -= 1
@@ -347,10 +382,18 @@ class Worker:
                 if not lane or self._failure is not None:
                     break
                 ev = lane.popleft()
+                if stamps is not None:  # tracing
+                    stamps = self._stamps.pop(id(ev))
+                    stamps.taken = _now()
                 # a checkpoint may store this key's state as of now, with positions held
                 # below `ev`: a lane that never empties must not hold commits back for good
                 self.partitions.settled(key, ev.source.offset)
-                verdict = self._observe(ev)
+                if stamps is None:
+                    verdict = self._observe(ev)
+                else:
+                    stamps.gate = _now()
+                    verdict = self._observe(ev)
+                    stamps.gated = _now()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - handed to the run loop, never lost in a task
@@ -358,25 +401,38 @@ class Worker:
         finally:
             del self._lanes[key]
             self.partitions.unsettled(key)
+            for left in lane if self.tracing is not None else ():  # a lane stopped short
+                self._stamps.pop(id(left), None)
 
-    async def _decide(self, ev: Event, verdict: Verdict) -> None:
+    async def _decide(self, ev: Event, verdict: Verdict, stamps: Stamps | None = None) -> None:
+        began = _now() if stamps is not None else 0
         try:
             d = await self.logic.decide(self.partitions.hot(ev.key), ev, verdict, self._call)
         except Exception as e:  # noqa: BLE001 - see _observe
             logger.warning("decide failed for key %r at %s: %s: %s", ev.key, ev.source, type(e).__name__, e)
             self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], ev.source, _payload(ev), stage="decide"))
+            if stamps is not None:
+                ended = _now()
+                self.tracing.record(ev, verdict, stamps, (began, ended), ended, None, f"{type(e).__name__}: {e}")
             return
+        if stamps is None:
+            self._emit(d)
+            return
+        decided = _now()
         self._emit(d)
+        self.tracing.record(ev, verdict, stamps, (began, decided), _now(), d)
 
     async def _call(self, tier: str, request: Request) -> Completion:
         direct = self._direct.get(tier)
         if direct is not None:
             engine, timeout_s = direct
+            submitted = time.perf_counter()
             try:
-                return (await asyncio.wait_for(engine.generate([request]), timeout_s))[0]
+                out, start, end = await asyncio.wait_for(timed_generate(engine, [request]), timeout_s)
             except asyncio.TimeoutError:
                 msg = f"engine {engine.name!r} timed out after {timeout_s}s"
                 raise EngineError(msg) from None
+            return with_timings(out[0], start - submitted, end - start)
         return await self._batchers[tier].submit(request)
 
     def _emit(self, d: Decision) -> None:
