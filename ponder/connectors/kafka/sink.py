@@ -23,7 +23,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from ponder.connectors.base import MembershipUnsure, SinkError
 from ponder.connectors.kafka.fence import reset_connections, watch_lease
 from ponder.connectors.kafka.reader import read_to_end
-from ponder.types import DEFAULT_TENANT, DeadLetter, Decision, SourcePos, Trace
+from ponder.types import DEFAULT_TENANT, DeadLetter, Decision, SourcePos
 
 __all__ = ["KafkaSink"]
 
@@ -63,10 +63,11 @@ def _cut(v, limit: int = _CUT):
 def shrink(d: Decision) -> Decision:
     """The same decision with long fields cut and the trace thinned, marked in its evidence."""
     t = d.trace
-    trace = None if t is None else Trace(t.gate_score, msgspec.convert(_cut(msgspec.to_builtins(t.findings[:8])),
-                                                                       type(t.findings)),
-                                         t.route, t.spans, [_cut(e) for e in t.errors[:8]],
-                                         [_cut(x) for x in t.skipped[:8]])
+    # thinned: findings, errors and skips cut, the per-stage timings dropped (their sum is in
+    # the spans); the forecast, the vote and the privacy note are small and stay
+    trace = None if t is None else msgspec.structs.replace(
+        t, findings=msgspec.convert(_cut(msgspec.to_builtins(t.findings[:8])), type(t.findings)),
+        errors=[_cut(e) for e in t.errors[:8]], skipped=[_cut(x) for x in t.skipped[:8]], stages=[])
     return msgspec.structs.replace(
         d, reason=_cut(d.reason, 400), evidence={**_cut(d.evidence), "shrunk": True}, trace=trace,
         headers=_cut(d.headers))
