@@ -754,6 +754,8 @@ def test_the_capture_check_finds_a_leak():
 async def test_the_documented_example_does_what_the_page_says(monkeypatch):
     page = (Path(__file__).resolve().parent.parent / "docs" / "privacy.md").read_text()
     code = re.search(r"```python\n(.*?)```", page, re.DOTALL)[1]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"```python\n{code}```" in readme, "the README's privacy example differs from docs/privacy.md's"
     event = json.loads(re.search(r"```json\n(\{\"monitor.*?)```", page, re.DOTALL)[1])
     trace = json.loads("{" + re.search(r"```json\n(\"privacy\".*?)```", page, re.DOTALL)[1] + "}")["privacy"]
     monkeypatch.setenv(KEY_ENV, "documented")
