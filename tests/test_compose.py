@@ -34,6 +34,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 GRAFANA_DATASOURCES = ROOT / "deploy" / "grafana" / "datasources.yml"
+GRAFANA_DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards.yml"
 
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -714,3 +715,19 @@ def test_grafana_datasource_points_at_prometheus(services):
     assert port in container_ports(services[host])
     assert (3000, 3000) in {(h, c) for _, h, c in published_ports(g)}
     assert depends_on(g).get("prometheus")
+
+
+def test_grafana_provisions_the_ponder_dashboard_on_the_provisioned_datasource(services):
+    g = services["grafana"]
+    binds = {(ROOT / s).resolve(): tgt.split(":")[0] for kind, s, tgt in volume_mounts(g) if kind == "bind"}
+    assert binds[GRAFANA_DASHBOARDS].startswith("/etc/grafana/provisioning/dashboards/")
+    (provider,) = yaml.safe_load(GRAFANA_DASHBOARDS.read_text())["providers"]
+    assert provider["type"] == "file"
+    # the folder the provider reads is the mounted deploy/grafana/dashboards, which holds the dashboard
+    folder = ROOT / "deploy" / "grafana" / "dashboards"
+    assert binds[folder.resolve()] == provider["options"]["path"]
+    dash = json.loads((folder / "ponder.json").read_text())
+    (ds,) = yaml.safe_load(GRAFANA_DATASOURCES.read_text())["datasources"]
+    used = {json.dumps(p["datasource"], sort_keys=True) for p in dash["panels"]}
+    used |= {json.dumps(t["datasource"], sort_keys=True) for p in dash["panels"] for t in p["targets"]}
+    assert used == {json.dumps({"type": ds["type"], "uid": ds["uid"]}, sort_keys=True)}

@@ -93,6 +93,22 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.requests = 0
+        # for /metrics (runtime/metrics.py), read at scrape time: batches by size, the engine's
+        # busy time and the tokens it produced (its tokens/s is their ratio)
+        self.sizes: Counter[int] = Counter()
+        self.engine_s = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (the tier's queue depth)."""
+        return self._queued
+
+    @property
+    def flying(self) -> int:
+        """Batches at the engine now."""
+        return self.max_concurrency - self._free
 
     async def submit(self, request: Request) -> Completion:
         fut: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
@@ -206,6 +222,7 @@ class Batcher:
     async def _run(self, batch: Sequence[_Item], number: int) -> None:
         self.batches += 1
         self.requests += len(batch)
+        self.sizes[len(batch)] += 1
         try:
             try:
                 async with asyncio.timeout(self.timeout_s):  # in this task: no extra turn of the loop
@@ -213,6 +230,10 @@ class Batcher:
                 if len(out) != len(batch):
                     msg = f"engine {self.engine.name!r} returned {len(out)} completions for {len(batch)} requests"
                     raise EngineError(msg)
+                self.engine_s += end - start
+                for comp in out:
+                    self.prompt_tokens += comp.usage.prompt_tokens
+                    self.completion_tokens += comp.usage.completion_tokens
             except Exception as e:  # noqa: BLE001 - handed to every waiting lane
                 if isinstance(e, asyncio.TimeoutError):
                     e = EngineError(f"engine {self.engine.name!r} timed out after {self.timeout_s}s")

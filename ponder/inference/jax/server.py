@@ -190,12 +190,54 @@ class _Metrics:
         self.latency = Histogram("ponder_model_request_seconds", "from submit to the last token",
                                  registry=r)
         r.register(_PoolCollector(engine))
+        # the same counts under vLLM's names (its v1 engine's), so one dashboard or alert serves
+        # both servers; labelled by model_name as vLLM's are
+        self.model = engine.model
+        model, label = [engine.model], ["model_name"]
+        self.vllm_prompt = Counter("vllm:prompt_tokens", "Prefill tokens processed", label, registry=r).labels(*model)
+        self.vllm_generation = Counter("vllm:generation_tokens", "Generation tokens processed", label,
+                                       registry=r).labels(*model)
+        self.vllm_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                    label, registry=r).labels(*model)
+        self.vllm_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", label,
+                                 registry=r).labels(*model)
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", label,
+                                  registry=r).labels(*model)
+        self.vllm_success = Counter("vllm:request_success", "Finished requests by finish reason",
+                                    [*label, "finished_reason"], registry=r)
+        r.register(_QueueCollector(engine))
 
     def on_done(self, res: GenResult, seconds: float) -> None:
+        generated = sum(len(s.tokens) for s in res.samples or [res])
         self.latency.observe(seconds)
         self.prompt.inc(res.prompt_tokens)
         self.cached.inc(res.cached_tokens)
-        self.completion.inc(sum(len(s.tokens) for s in res.samples or [res]))
+        self.completion.inc(generated)
+        self.vllm_e2e.observe(seconds)
+        self.vllm_prompt.inc(res.prompt_tokens)
+        self.vllm_generation.inc(generated)
+        self.vllm_queries.inc(res.prompt_tokens)
+        self.vllm_hits.inc(res.cached_tokens)
+        self.vllm_success.labels(self.model, res.finish_reason).inc()
+
+
+class _QueueCollector:
+    """vLLM's scheduler gauges: requests in the running batch and those waiting to join it."""
+
+    def __init__(self, engine: JaxEngine):
+        self.engine = engine
+
+    def collect(self):
+        feed, model = self.engine.feed, self.engine.model
+        waiting = len(feed.inbox)
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch",
+                                    labels=["model_name"])
+        running.add_metric([model], max(0, len(feed.futures) - waiting))
+        yield running
+        queued = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to join the batch",
+                                   labels=["model_name"])
+        queued.add_metric([model], waiting)
+        yield queued
 
 
 class _PoolCollector:
