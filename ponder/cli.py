@@ -37,18 +37,33 @@ def _source_for(path: str):
     return JsonlSource(p)
 
 
-def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None = None, ledger=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None = None, ledger=None,
+                  traces: Path | None = None):
     from ponder.pipelines.pipeline import load_pipeline
+    from ponder.runtime.tracestore import TraceStore
 
     try:
         pipe = load_pipeline(ref)
     except (ValueError, TypeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    try:
+        store = TraceStore(traces, pipeline=pipe.name) if traces is not None else None
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    try:
+        return _run_worker(pipe, source, sink, progress=progress, total=total, ledger=ledger, traces=store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run_worker(pipe, source, sink, *, progress: bool, total: int | None, ledger, traces):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     if not progress:
-        return _until_failed(lambda: pipe.worker(source, sink, ledger=ledger).run())
+        return _until_failed(lambda: pipe.worker(source, sink, ledger=ledger, traces=traces).run())
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
                   transient=False) as bar:
@@ -58,7 +73,7 @@ def _run_pipeline(ref: str, source, sink, *, progress: bool, total: int | None =
             bar.update(task, completed=s.events,
                        info=f"esc={s.escalations} dec={s.decisions} dead={s.dead_letters}")
 
-        stats = _until_failed(lambda: pipe.worker(source, sink, progress=tick, ledger=ledger).run())
+        stats = _until_failed(lambda: pipe.worker(source, sink, progress=tick, ledger=ledger, traces=traces).run())
         tick(stats)  # the last batch's lanes drained after the last tick
     return stats
 
@@ -82,6 +97,9 @@ def run(
     dead_letters: Optional[str] = typer.Option(None, help="dead-letter JSONL [default: OUTPUT.dead.jsonl]"),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="show a progress bar"),
     ledger: Optional[Path] = typer.Option(None, help="write the spend ledger (JSON) here at checkpoints"),
+    traces: Optional[str] = typer.Option(
+        None, help="trace store (SQLite) for `ponder explain` and `ponder costs` (default: "
+        "OUTPUT.traces.db when OUTPUT is a file; none: keep no traces)"),
 ) -> None:
     """Run a pipeline over a file; decisions to OUTPUT, dead letters beside it."""
     from ponder.connectors.files import JsonlSink
@@ -92,7 +110,11 @@ def run(
     except typer.BadParameter as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    stats = _run_pipeline(pipeline, source, sink, progress=progress, ledger=ledger)
+    if traces is None:
+        trace_path = Path(output + ".traces.db") if output != "-" else None
+    else:
+        trace_path = None if traces == "none" else Path(traces)
+    stats = _run_pipeline(pipeline, source, sink, progress=progress, ledger=ledger, traces=trace_path)
     print(stats.line() + (f" dead_letter_file={sink.dead_path}" if stats.dead_letters else ""),
           file=sys.stderr)
 
@@ -223,6 +245,9 @@ def worker(
     session_timeout_ms: int = typer.Option(10_000, help="consumer-group session timeout"),
     metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
     ledger: Optional[Path] = typer.Option(None, help="write the spend ledger (JSON) here at checkpoints"),
+    traces: Optional[str] = typer.Option(
+        None, help="trace store (SQLite) for `ponder explain` and `ponder costs` "
+        "(default: STATE_DIR/traces.db; none: keep no traces)"),
 ) -> None:
     """Run a pipeline as a Kafka consumer-group worker until SIGTERM, then drain and commit."""
     import logging
@@ -238,11 +263,16 @@ def worker(
     except (ValueError, TypeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    stats = _until_failed(lambda: run_worker(
-        pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
-        output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
-        checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms,
-        metrics_port=metrics_port, ledger=ledger))
+    try:
+        stats = _until_failed(lambda: run_worker(
+            pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
+            output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
+            checkpoint_every_s=checkpoint_interval, session_timeout_ms=session_timeout_ms,
+            metrics_port=metrics_port, ledger=ledger,
+            traces=None if traces == "none" else Path(traces) if traces else state_dir / "traces.db"))
+    except ValueError as e:  # before the run: topics that do not fit, a trace store it cannot open
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     print(stats.line(), file=sys.stderr)
 
 
@@ -394,6 +424,230 @@ def export_gguf(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     err.print(f"wrote {out} ({cfg.num_params / 1e6:.1f}M params, {dtype})")
+
+
+def _open_store(path: Path):
+    from ponder.runtime.tracestore import TraceStore
+
+    try:
+        return TraceStore(path, readonly=True)
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e} (a file run keeps OUTPUT.traces.db, a worker STATE_DIR/traces.db)")
+        raise typer.Exit(2) from e
+
+
+def _when(text: Optional[str], flag: str) -> Optional[float]:
+    from ponder.runtime.tracestore import parse_time
+
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {flag}: {e}")
+        raise typer.Exit(2) from e
+
+
+def _utc(ts: float | None) -> str:
+    import datetime as dt
+
+    if ts is None:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):  # an event time that is no calendar time
+        return str(ts)
+
+
+def _render_decision(doc: dict) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    d, tok = doc["decision"], doc["tokens"]
+    out.print(Panel(Text.assemble(
+        (f"{d['action']}", "bold"), f" ({d['severity']}, confidence {d['confidence']:.2f}) by {d['tier']}/"
+        f"{d['model']}" + (" [degraded]" if d["degraded"] else "") + f"\n{d['reason']}\n",
+        f"key {d['key']!r} tenant {d['tenant']!r} event time {_utc(d['ts'])} pipeline {doc['pipeline']!r}"),
+        title=f"decision {doc['decision_id']}"))
+    ev = doc["event"] or {}
+    out.print(Text.assemble(("event ", "bold"), f"{ev.get('source', '')} ",
+                            json.dumps(ev.get("payload")) if ev.get("payload") is not None
+                            else "(payload withheld: a privacy policy was in force)"))
+    if doc["privacy"]:
+        out.print(Text.assemble(("privacy ", "bold"), json.dumps(doc["privacy"])))
+    g = Table(title=f"gate score {doc['gate']['score']}", title_justify="left")
+    for c in ("kind", "field", "score", "value", "expected", "detail"):
+        g.add_column(c)
+    for f in doc["gate"]["findings"]:
+        g.add_row(*(Text(str(f.get(c, ""))) for c in ("kind", "field", "score", "value", "expected", "detail")))
+    out.print(g)
+    r = Table(title="route: " + " → ".join(doc["route"]), title_justify="left")
+    for c in ("step", "why", "tier", "passed over"):
+        r.add_column(c)
+    for st in doc["steps"]:
+        r.add_row(*(Text(str(st.get(c, ""))) for c in ("step", "why", "tier")),
+                  Text("; ".join(st.get("skipped", []) or [])))
+    out.print(r)
+    for line in doc["errors"]:
+        out.print(Text.assemble(("error ", "red"), line))
+    if doc["prompt"] is not None:
+        out.print(Panel(Text(doc["prompt"]["prefix"] + doc["prompt"]["tail"]),
+                        title="prompt as sent (after the privacy policy)"))
+    for i, a in enumerate(doc["attempts"], 1):
+        u = a["usage"]
+        head = (f"call {i}: {a['tier']}/{a['model'] or '-'} samples={a['samples']} "
+                f"tokens={u.get('prompt_tokens', 0)} (cached {u.get('cached_prompt_tokens', 0)}) "
+                f"+{u.get('completion_tokens', 0)} ${u.get('cost_usd', 0.0):.6f}")
+        body = [f"failed: {a['failure']}"] if a["failure"] else []
+        if a["repair"]:
+            body.append(f"repair note appended: {a['repair']!r}")
+        body += [f"{x['text']}\n  → {'valid' if not x['error'] else 'invalid: ' + x['error']}" for x in a["outputs"]]
+        out.print(Panel(Text("\n".join(body)), title=Text(head), title_align="left"))
+    if doc["vote"]:
+        out.print(Text.assemble(("vote ", "bold"), json.dumps(doc["vote"])))
+    out.print(Text.assemble(("tokens ", "bold"), f"prompt {tok['prompt']} = new {tok['new']} + cached {tok['cached']}, "
+                            f"completion {tok['completion']}" + (" (estimated)" if tok["estimated"] else ""),
+                            ("  cost ", "bold"), f"${doc['cost_usd']:.8f}"
+                            + (f" (forecast ${doc['predicted']['cost_usd']:.8f})" if doc["predicted"] else "")))
+    t = Table(title=f"latency {d['latency_ms']:.3f} ms by stage", title_justify="left")
+    for c in ("stage", "start ms", "ms"):
+        t.add_column(c, justify="right" if c != "stage" else "left")
+    for st in doc["stages"]:
+        t.add_row(Text("  " * st["depth"] + st["name"]), f"{st['start_ms']:.3f}", f"{st['ms']:.3f}")
+    out.print(t)
+
+
+def _render_around(doc: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(f"key {doc['key']!r}: {len(doc['gates'])} gate verdicts within {doc['window_s']:g}s of "
+                    f"{_utc(doc['around'])}"), title_justify="left")
+    for c in ("event time", "tenant", "score", "escalated", "top findings"):
+        t.add_column(c)
+    for g in doc["gates"]:
+        t.add_row(_utc(g["ts"]), Text(g["tenant"]), f"{g['score']:.3f}", "yes" if g["escalated"] else "no",
+                  Text(g["reasons"]))
+    out.print(t)
+    for d in doc["decisions"]:
+        out.print(Text(f"decision {d['decision_id']} at {_utc(d['ts'])}: {d['action']} by {d['tier']}: {d['reason']}"))
+    if not doc["gates"]:
+        out.print("no verdicts recorded there (no events in the window, or dropped by the store's bounds)")
+
+
+def _render_costs(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    tot = report["total"]
+    span = (f" from {_utc(report['since'])} to {_utc(report['until'])}"
+            if report.get("since") is not None or report.get("until") is not None else "")
+    out.print(f"total ${tot['usd']:.6f} over {tot['calls']} calls"
+              + (f" for {tot['decisions']} decisions" if "decisions" in tot else "") + span)
+    for g in ("tenant", "tier", "model", "action", "key"):
+        rows = report.get(f"by_{g}")
+        if rows is None:
+            continue
+        t = Table(title=f"by {g}" + (" (dearest)" if g == "key" else ""), title_justify="left")
+        cols = [c for c in ("decisions", "calls", "prompt_tokens", "cached_prompt_tokens", "completion_tokens")
+                if not rows or c in rows[0]]
+        if g == "key":
+            t.add_column("tenant")
+        t.add_column(g)
+        for c in (*cols, "usd", "share"):
+            t.add_column(c.replace("_tokens", "").replace("_", " "), justify="right")
+        for r in rows:
+            share = r["usd"] / tot["usd"] if tot["usd"] else 0.0
+            names = [Text(str(r["tenant"]))] if g == "key" else []
+            t.add_row(*names, Text(str(r[g])), *(str(r[c]) for c in cols), f"{r['usd']:.6f}", f"{share:.1%}")
+        out.print(t)
+
+
+@app.command()
+def explain(
+    decision_id: Optional[str] = typer.Argument(None, help="the decision to explain"),
+    store: Path = typer.Option(Path("state/traces.db"), help="trace store: OUTPUT.traces.db of a file run, STATE_DIR/traces.db of a worker"),
+    key: Optional[str] = typer.Option(None, help="with --around: a key's gate verdicts near a time"),
+    around: Optional[str] = typer.Option(None, help="event time: UNIX seconds or ISO 8601 (UTC by default)"),
+    window: float = typer.Option(300.0, help="with --around: seconds either side"),
+    tenant: Optional[str] = typer.Option(None, help="with --key: only this tenant's key"),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout"),
+) -> None:
+    """Why a decision happened (DECISION_ID), or why nothing was decided (--key K --around T)."""
+    from ponder.runtime.tracestore import explain_doc
+
+    if (decision_id is None) == (key is None) or (key is None) != (around is None):
+        err.print("[red]error:[/red] give a DECISION_ID, or --key KEY with --around TIME")
+        raise typer.Exit(2)
+    if window <= 0:
+        err.print(f"[red]error:[/red] --window must be > 0, got {window}")
+        raise typer.Exit(2)
+    at = _when(around, "--around")
+    db = _open_store(store)
+    try:
+        if decision_id is not None:
+            sd = db.get(decision_id)
+            if sd is None:
+                err.print(f"[red]error:[/red] no decision {decision_id!r} in {str(store)!r} (never made, "
+                          "or dropped by the store's size and age bounds)")
+                raise typer.Exit(2)
+            doc = explain_doc(sd)
+            if as_json:
+                print(json.dumps(doc, indent=2, default=str))
+            else:
+                _render_decision(doc)
+            return
+        gates, decisions = db.around(key, at, window, tenant)
+    finally:
+        db.close()
+    doc = {"key": key, "tenant": tenant, "around": at, "window_s": window,
+           "gates": [{"ts": g.ts, "tenant": g.tenant, "score": g.score, "escalated": g.escalated,
+                      "reasons": g.reasons} for g in gates],
+           "decisions": [{"decision_id": d.decision_id, "ts": d.ts, "action": d.action, "tier": d.tier,
+                          "reason": d.reason} for d in decisions]}
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _render_around(doc)
+
+
+@app.command()
+def costs(
+    store: Optional[Path] = typer.Option(None, help="trace store (default: state/traces.db, a worker's)"),
+    ledger: Optional[Path] = typer.Option(None, help="a spend ledger (JSON) instead of a trace store"),
+    since: Optional[str] = typer.Option(None, help="event time from: UNIX seconds or ISO 8601"),
+    until: Optional[str] = typer.Option(None, help="event time to: UNIX seconds or ISO 8601"),
+    top: int = typer.Option(10, help="how many of the dearest keys to list"),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout"),
+) -> None:
+    """Spend by tenant, tier, model, action and top keys, from a trace store or a ledger."""
+    from ponder.runtime.tracestore import cost_report, ledger_report
+
+    if store is not None and ledger is not None:
+        err.print("[red]error:[/red] give --store or --ledger, not both")
+        raise typer.Exit(2)
+    lo, hi = _when(since, "--since"), _when(until, "--until")
+    if ledger is not None:
+        if lo is not None or hi is not None:
+            err.print("[red]error:[/red] a ledger keeps no times: --since/--until need a trace store (--store)")
+            raise typer.Exit(2)
+        try:
+            report = ledger_report(json.loads(ledger.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            err.print(f"[red]error:[/red] cannot read the ledger {str(ledger)!r}: {e}")
+            raise typer.Exit(2) from e
+    else:
+        db = _open_store(store or Path("state/traces.db"))
+        try:
+            report = cost_report(db.cost_rows(lo, hi), top=top)
+        finally:
+            db.close()
+        report.update(since=lo, until=hi)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _render_costs(report)
 
 
 if __name__ == "__main__":

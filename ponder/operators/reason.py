@@ -8,6 +8,11 @@ the work it names on the reasoner's monotonic clock: the context render, each ro
 why it chose its tier, each call (split into its batch wait, the engine's time and the wait
 for the event loop to resume the reasoner, as the runtime and the engine report them in
 `Completion.timings`) and each answer's validation (decide). A runtime may turn them into trace spans (runtime/tracing.py).
+
+What the wire format leaves out (the prompt as sent, each call's raw output and why it failed
+validation) goes to `Reasoner.explaining` when a runtime sets it (a local trace store,
+runtime/tracestore.py): an `Explanation` per decision id, taken by the runtime once the
+decision is out. Unset, nothing is kept and nothing is copied.
 """
 
 from __future__ import annotations
@@ -30,9 +35,32 @@ from ponder.operators.route import SKIP_RESIDENCY, Router
 from ponder.operators.vote import Tally
 from ponder.types import DEFAULT_TENANT, Decision, Event, Span, Trace, Usage, answer_schema, decision_id
 
-__all__ = ["Reasoner", "Call"]
+__all__ = ["Reasoner", "Call", "Explanation", "Attempt"]
 
 Call = Callable[[str, Request], Awaitable[Completion]]
+
+
+class Attempt(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One model call of a decision: what it was sent beyond the decision's prompt (a repair
+    note), what came back, and each answer's validation error ("" for a valid one)."""
+
+    tier: str
+    samples: int = 1
+    repair: str = ""  # appended to the prompt's tail for this call
+    texts: list[str] = []
+    errors: list[str] = []
+    failure: str = ""  # the call itself failed (no answer)
+    model: str = ""
+    usage: Usage = Usage()
+
+
+class Explanation(msgspec.Struct, frozen=True):
+    """The side record of one decision: the prompt every tier was sent (after the privacy
+    policy: the context holds only what it lets through) and each call made."""
+
+    prefix: str
+    tail: str
+    attempts: list[Attempt] = []
 
 
 @dataclass
@@ -47,6 +75,8 @@ class Reasoner:
     forecast: Forecast = field(default_factory=Forecast)
     budgets: Budgets = field(default_factory=Budgets)
     spend: Spend = field(default_factory=Spend)
+    # decision id -> its Explanation, kept only when a runtime sets a dict here (a trace store)
+    explaining: dict[str, Explanation] | None = None
 
     def __post_init__(self) -> None:
         self.schema = answer_schema(self.actions)
@@ -130,6 +160,8 @@ class Reasoner:
         spans: list[Span] = []
         used = Usage()  # every call's, failed ones too
         predicted = Usage()  # the forecast before each call
+        explain = self.explaining is not None
+        attempts: list[dict[str, Any]] = []  # each call, for the Explanation (only if explaining)
 
         async def attempt(tier: str, spec, req: Request) -> Completion | None:
             """One call at `tier`: forecast, call, pay, learn, settle its reservation. None if
@@ -161,6 +193,12 @@ class Reasoner:
                 hold = holds.pop(tier)
                 self.spend.reserve(tenant, tier, -hold.usd)
                 self.budgets.settle(hold, usd=usd, tokens=u.prompt_tokens + u.completion_tokens)
+            if explain:
+                attempts.append({"tier": tier, "samples": req.n, "repair": req.tail[len(prompt.tail):],
+                                  "texts": list(comp.samples or (comp.text,)) if comp is not None else [],
+                                  "failure": failure or (comp.error if comp is not None else ""),
+                                  "model": comp.model if comp is not None else "",
+                                  "usage": msgspec.structs.replace(u, cost_usd=usd)})
             if comp is not None and comp.error:
                 errors.append(f"{tier}: {comp.error}"[:300])
                 comp = None
@@ -187,6 +225,8 @@ class Reasoner:
             """Each text parsed and validated: (answer or None, error)."""
             began = self.clock()
             out = [parse_answer(t, self.actions) for t in texts]
+            if explain and attempts:  # judged right after the call that produced them
+                attempts[-1]["errors"] = [e or "" for _, e in out]
             stage("decide", began, {"tier": tier, "answers": len(out),
                                     "valid": sum(a is not None for a, _ in out)})
             return out
@@ -285,6 +325,8 @@ class Reasoner:
             a, tier_used, model = best
             action, severity, reason, confidence = a.action, a.severity, a.reason, a.confidence
         evidence = {f.field: f.value for f in verdict.findings[:8] if f.value is not None}
+        if explain:
+            self.explaining[did] = Explanation(prompt.prefix, prompt.tail, [Attempt(**a) for a in attempts])
         return Decision(
             decision_id=did,
             key=event.stream_key,

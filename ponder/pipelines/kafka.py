@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ponder.connectors.kafka import KafkaChangelog, KafkaSink, KafkaSource, ensure_topics
 from ponder.pipelines.pipeline import Pipeline
+from ponder.runtime.tracestore import TraceStore
 from ponder.runtime.worker import RunStats, Worker
 from ponder.state.rocks import RocksStore
 
@@ -21,7 +22,8 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
                        state_dir: Path = Path("state"), input_topic: str | None = None,
                        output_topic: str | None = None, dead_letter_topic: str | None = None,
                        partitions: int = 16, checkpoint_every_s: float = 2.0,
-                       session_timeout_ms: int = 10_000, engines=None, ledger: Path | None = None) -> Worker:
+                       session_timeout_ms: int = 10_000, engines=None, ledger: Path | None = None,
+                       traces: TraceStore | None = None) -> Worker:
     """Create missing topics and assemble a Worker with Kafka source, sink and changelog."""
     t_in, t_out, t_dead = pipe.topics
     t_in, t_out, t_dead = input_topic or t_in, output_topic or t_out, dead_letter_topic or t_dead
@@ -50,11 +52,22 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
     return pipe.worker(source, sink, engines=engines, open_store=open_store,
                        changelog=KafkaChangelog(brokers, t_log, request_timeout_ms=give_up_ms,
                                                 may_send=source.member),
-                       checkpoint_every_s=checkpoint_every_s, ledger=ledger, budget_slices=n)
+                       checkpoint_every_s=checkpoint_every_s, ledger=ledger, budget_slices=n, traces=traces)
 
 
-async def run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, **kw) -> RunStats:
-    """Run until SIGTERM/SIGINT, then stop reading, drain, checkpoint and leave the group."""
+async def run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, traces: Path | None = None,
+                     **kw) -> RunStats:
+    """Run until SIGTERM/SIGINT, then stop reading, drain, checkpoint and leave the group.
+    `traces`: the local trace store's file (runtime/tracestore.py), None for none."""
+    store = TraceStore(traces, pipeline=pipe.name) if traces is not None else None
+    try:
+        return await _run_worker(pipe, brokers, metrics_port=metrics_port, traces=store, **kw)
+    finally:
+        if store is not None:
+            store.close()
+
+
+async def _run_worker(pipe: Pipeline, brokers: str, *, metrics_port: int = 0, **kw) -> RunStats:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     # handlers first: a signal while topics are created must still end the run cleanly

@@ -45,6 +45,7 @@ from ponder.runtime.batcher import Batcher, timed_generate, with_timings
 from ponder.runtime.checkpoint import Partitions
 from ponder.runtime.decode import Decoder
 from ponder.runtime.ledger import write_ledger
+from ponder.runtime.tracestore import TraceStore
 from ponder.runtime.tracing import Stamps, from_env
 from ponder.runtime.tracker import CompletionTracker
 from ponder.state.base import Changelog, Store
@@ -108,6 +109,7 @@ class Worker:
         ledger: str | Path | None = None,
         name: str = "",
         tenant_weights: Mapping[str, float] | None = None,
+        traces: TraceStore | None = None,
     ) -> None:
         self.logic = logic
         self.ledger, self.name = ledger, name  # the spend ledger, rewritten at each checkpoint
@@ -157,6 +159,13 @@ class Worker:
         self.tracing = from_env(tiers, self.engines, pipeline=name,
                                 pseudonym=privacy.pseudonym if privacy is not None else None)
         self._stamps: dict[int, Stamps] = {}  # id(event) -> its stamps, while it waits in a lane
+        # the local trace store (runtime/tracestore.py): every verdict, and each decision with
+        # what the reasoner kept for it (the prompt as sent, raw outputs); flushed at checkpoints
+        self.traces = traces
+        if traces is not None:
+            logic.reasoner.explaining = {}
+            # with a privacy policy the raw event stays out: the prompt shows what it let through
+            traces.keep_payloads = traces.keep_payloads and privacy is None
 
     @property
     def store(self) -> Store:
@@ -260,6 +269,8 @@ class Worker:
                 logger.warning("closing %s failed: %s: %s", getattr(close, "__self__", close),
                                type(e).__name__, e)
         self.partitions.close()
+        if self.traces is not None:  # what was decided before a failure still explains itself
+            self.traces.checkpoint()
         self.stats.elapsed_s = time.perf_counter() - self.stats.started
         self.stats.keys = self.partitions.new_keys
 
@@ -358,6 +369,8 @@ class Worker:
             self._dead(DeadLetter(f"{type(e).__name__}: {e}"[:500], src, _payload(ev), stage="observe"))
             return None
         self.partitions.touched(ev.key, src.offset)
+        if self.traces is not None:
+            self.traces.gate(ev, verdict)
         if verdict.escalate:
             self.stats.escalations += 1
         return verdict
@@ -415,6 +428,8 @@ class Worker:
                 ended = _now()
                 self.tracing.record(ev, verdict, stamps, (began, ended), ended, None, f"{type(e).__name__}: {e}")
             return
+        if self.traces is not None:
+            self.traces.decision(d, ev, self.logic.reasoner.explaining.pop(d.decision_id, None))
         if stamps is None:
             self._emit(d)
             return
@@ -462,6 +477,8 @@ class Worker:
         self.stats.checkpoints += 1
         if self.ledger is not None:
             write_ledger(self.ledger, self.name, self.logic.reasoner)
+        if self.traces is not None:
+            self.traces.checkpoint()
         return positions
 
     async def assign(self, partitions: list[tuple[str, int]]) -> None:

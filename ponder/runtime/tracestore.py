@@ -1,0 +1,382 @@
+"""The local trace store: why each decision happened, and why nothing happened elsewhere.
+
+One SQLite file (stdlib `sqlite3`) beside the output of a file run or the state of a worker.
+Three tables:
+
+- `decisions`: each decision as emitted (its wire record, trace included), the triggering
+  event, and its `Explanation` (operators/reason.py): the prompt as sent, each call's raw
+  output and validation;
+- `calls`: one row per model call (tier, model, tokens, USD), for cost by the tier and model
+  that were paid, failed calls included;
+- `gates`: a compact row for every observed event (key, event time, score, escalated, the top
+  findings), so "why was nothing decided here?" has an answer.
+
+Writes are buffered and go in one transaction at each checkpoint (or every `flush_every`
+rows), so an event costs one tuple append. The store is bounded by age (rows recorded more
+than `max_age_s` ago are dropped) and by size (past `max_bytes`, the oldest rows go first).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ponder.types import TENANT_SEP, Decision, Event
+
+if TYPE_CHECKING:
+    from ponder.operators.gate import Verdict
+    from ponder.operators.reason import Explanation
+
+__all__ = ["TraceStore", "StoredDecision", "GateRow", "parse_time", "explain_doc", "cost_report",
+           "ledger_report"]
+
+logger = logging.getLogger(__name__)
+
+MIN_BYTES = 64 << 10  # below this the schema alone would not fit
+TOP_FINDINGS = 3
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    decision_id TEXT PRIMARY KEY, pipeline TEXT, key TEXT, tenant TEXT, ts REAL, wall REAL,
+    tier TEXT, model TEXT, action TEXT, cost_usd REAL,
+    decision BLOB, event BLOB, explanation BLOB);
+CREATE INDEX IF NOT EXISTS decisions_key_ts ON decisions (key, ts);
+CREATE TABLE IF NOT EXISTS calls (
+    decision_id TEXT, ts REAL, wall REAL, tenant TEXT, key TEXT, action TEXT, tier TEXT,
+    model TEXT, prompt_tokens INTEGER, cached_prompt_tokens INTEGER, completion_tokens INTEGER,
+    cost_usd REAL);
+CREATE TABLE IF NOT EXISTS gates (
+    key TEXT, tenant TEXT, ts REAL, wall REAL, score REAL, escalated INTEGER, reasons TEXT);
+CREATE INDEX IF NOT EXISTS gates_key_ts ON gates (key, ts);
+"""
+_TABLES = ("gates", "calls", "decisions")
+
+
+class StoredDecision(msgspec.Struct, frozen=True):
+    """A decision as the store holds it."""
+
+    decision: Decision
+    event: dict[str, Any] | None  # None: withheld (a privacy policy was in force)
+    explanation: dict[str, Any] | None  # None: the decision made no model call worth keeping
+    recorded: float  # wall clock (UNIX seconds) when it was stored
+    pipeline: str = ""
+
+
+class GateRow(msgspec.Struct, frozen=True):
+    key: str
+    tenant: str
+    ts: float
+    score: float
+    escalated: bool
+    reasons: str
+
+
+class TraceStore:
+    """Append decisions and gate verdicts; read them back for `ponder explain` and `ponder costs`."""
+
+    def __init__(self, path: str | Path, *, max_bytes: int = 256 << 20, max_age_s: float = 7 * 86400.0,
+                 flush_every: int = 20_000, pipeline: str = "", keep_payloads: bool = True,
+                 clock: Callable[[], float] = time.time, readonly: bool = False) -> None:
+        if max_bytes < MIN_BYTES:
+            msg = f"a trace store needs max_bytes >= {MIN_BYTES}, got {max_bytes}"
+            raise ValueError(msg)
+        if max_age_s <= 0:
+            msg = f"a trace store needs max_age_s > 0, got {max_age_s}"
+            raise ValueError(msg)
+        self.path = Path(path)
+        self.max_bytes, self.max_age_s, self.flush_every = max_bytes, max_age_s, flush_every
+        self.pipeline, self.keep_payloads, self.clock = pipeline, keep_payloads, clock
+        if readonly and not self.path.exists():
+            msg = f"no trace store at {str(self.path)!r}"
+            raise FileNotFoundError(msg)
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # a reader (ponder explain) may open it while a worker writes: WAL lets both go on
+        try:
+            self.db = sqlite3.connect(self.path, timeout=10.0)
+        except sqlite3.Error as e:
+            msg = f"cannot open the trace store {str(self.path)!r}: {e}"
+            raise ValueError(msg) from e
+        try:
+            if not readonly:
+                self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # traces are diagnostics, not committed state: a crash may lose the last flush
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+            self.db.execute("SELECT 1 FROM decisions LIMIT 1")
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            msg = f"{str(self.path)!r} is not a ponder trace store: {e}"
+            raise ValueError(msg) from e
+        self._gates: list[tuple[Event, Verdict]] = []
+        self._decisions: list[tuple] = []
+        self._calls: list[tuple] = []
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def gate(self, ev: Event, verdict: Verdict) -> None:
+        """Record one observed event's verdict (formatted at flush, off the event path; its
+        recording time is the flush's, a checkpoint interval late at most)."""
+        gates = self._gates
+        gates.append((ev, verdict))
+        if len(gates) >= self.flush_every:
+            self.checkpoint()
+
+    def decision(self, d: Decision, ev: Event, explanation: Explanation | None) -> None:
+        wall = self.clock()
+        event = {"key": d.key, "tenant": d.tenant, "ts": ev.ts, "source": str(ev.source),
+                 "payload": ev.payload if self.keep_payloads else None, "headers": ev.headers}
+        try:
+            raw = msgspec.json.encode(event)
+        except (TypeError, ValueError):  # a custom source's payload JSON cannot hold: shown as text
+            raw = msgspec.json.encode({**event, "payload": repr(ev.payload)[:2000]})
+        self._decisions.append((d.decision_id, self.pipeline, d.key, d.tenant, d.ts, wall, d.tier, d.model,
+                                d.action, d.usage.cost_usd, msgspec.json.encode(d), raw,
+                                msgspec.json.encode(explanation) if explanation is not None else None))
+        for a in explanation.attempts if explanation is not None else ():
+            u = a.usage
+            self._calls.append((d.decision_id, d.ts, wall, d.tenant, d.key, d.action, a.tier, a.model,
+                                u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, u.cost_usd))
+        if len(self._decisions) >= self.flush_every:
+            self.checkpoint()
+
+    def flush(self) -> None:
+        """Write what is buffered in one transaction, then enforce the bounds."""
+        if not (self._gates or self._decisions):
+            return
+        wall = self.clock()
+        gates = [(_stream_key(ev), ev.tenant, ev.ts, wall, v.score, v.escalate, _reasons(v)) for ev, v in self._gates]
+        with self.db:
+            self.db.executemany("INSERT INTO gates VALUES (?,?,?,?,?,?,?)", gates)
+            # a replayed event decides again with the same id: the latest record stands
+            self.db.executemany("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                self._decisions)
+            self.db.executemany("INSERT INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", self._calls)
+        self._gates, self._decisions, self._calls = [], [], []
+        self.prune()
+
+    def checkpoint(self) -> None:
+        """Flush for a running worker: a store that cannot be written (a full disk) is logged
+        and its buffered rows dropped, never allowed to stop the stream it describes."""
+        try:
+            self.flush()
+        except (sqlite3.Error, OSError) as e:
+            logger.warning("trace store %s: dropping %d records: %s: %s", self.path,
+                           len(self._gates) + len(self._decisions), type(e).__name__, e)
+            self._gates, self._decisions, self._calls = [], [], []
+
+    def prune(self) -> None:
+        """Drop rows older than `max_age_s`, then the oldest rows until the file fits `max_bytes`."""
+        cutoff = self.clock() - self.max_age_s
+        with self.db:
+            for t in _TABLES:
+                # rows go in in wall-clock order: the first young row bounds the old ones
+                row = self.db.execute(f"SELECT rowid FROM {t} WHERE wall >= ? ORDER BY rowid LIMIT 1",
+                                      (cutoff,)).fetchone()
+                if row is None:
+                    self.db.execute(f"DELETE FROM {t}")
+                else:
+                    self.db.execute(f"DELETE FROM {t} WHERE rowid < ?", (row[0],))
+        self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: the file shrinks
+        for _ in range(20):  # each round drops a fifth of every table's oldest rows
+            if self.size() <= self.max_bytes:
+                break
+            with self.db:
+                for t in _TABLES:
+                    (n,) = self.db.execute(f"SELECT count(*) FROM {t}").fetchone()
+                    self.db.execute(f"DELETE FROM {t} WHERE rowid IN "
+                                    f"(SELECT rowid FROM {t} ORDER BY rowid LIMIT ?)", (max(1, n // 5),))
+            self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: the file shrinks
+
+    def size(self) -> int:
+        """Bytes the store's pages hold (its file size once the write-ahead log is merged)."""
+        (pages,) = self.db.execute("PRAGMA page_count").fetchone()
+        (free,) = self.db.execute("PRAGMA freelist_count").fetchone()
+        (page,) = self.db.execute("PRAGMA page_size").fetchone()
+        return (pages - free) * page
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.db.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, decision_id: str) -> StoredDecision | None:
+        row = self.db.execute("SELECT decision, event, explanation, wall, pipeline FROM decisions "
+                              "WHERE decision_id = ?", (decision_id,)).fetchone()
+        if row is None:
+            return None
+        dec, event, expl, wall, pipeline = row
+        event = msgspec.json.decode(event)
+        return StoredDecision(msgspec.json.decode(dec, type=Decision),
+                              event, msgspec.json.decode(expl) if expl is not None else None, wall, pipeline or "")
+
+    def around(self, key: str, ts: float, window_s: float, tenant: str | None = None
+               ) -> tuple[list[GateRow], list[Decision]]:
+        """The gate verdicts and decisions of `key` with event time within `window_s` of `ts`."""
+        lo, hi = ts - window_s, ts + window_s
+        q = "SELECT key, tenant, ts, score, escalated, reasons FROM gates WHERE key = ? AND ts BETWEEN ? AND ?"
+        args: list[Any] = [key, lo, hi]
+        if tenant is not None:
+            q += " AND tenant = ?"
+            args.append(tenant)
+        gates = [GateRow(k, t, s, sc, bool(e), r) for k, t, s, sc, e, r in
+                 self.db.execute(q + " ORDER BY ts, rowid", args)]
+        q = "SELECT decision FROM decisions WHERE key = ? AND ts BETWEEN ? AND ?"
+        args = [key, lo, hi]
+        if tenant is not None:
+            q += " AND tenant = ?"
+            args.append(tenant)
+        decisions = [msgspec.json.decode(b, type=Decision) for (b,) in self.db.execute(q + " ORDER BY ts", args)]
+        return gates, decisions
+
+    def cost_rows(self, since: float | None = None, until: float | None = None) -> Iterator[tuple]:
+        """(decision id, tenant, tier, model, action, key, prompt, cached, completion, usd) per
+        call whose triggering event's time is within [since, until]."""
+        q = ("SELECT decision_id, tenant, tier, model, action, key, prompt_tokens, cached_prompt_tokens, "
+             "completion_tokens, cost_usd FROM calls WHERE ts >= ? AND ts <= ?")
+        yield from self.db.execute(q, (since if since is not None else float("-inf"),
+                                       until if until is not None else float("inf")))
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _TABLES}
+
+
+def _stream_key(ev: Event) -> str:
+    return ev.key[len(ev.tenant) + 1:] if ev.tenant and ev.key.startswith(ev.tenant + TENANT_SEP) else ev.key
+
+
+def _reasons(v: Verdict) -> str:
+    """The verdict's top findings, most surprising first: "spike temp 0.93; rule * 0.40 (hot)"."""
+    if not v.findings:  # most events: nothing surprising
+        return v.reason
+    top = sorted(v.findings, key=lambda f: -f.score)[:TOP_FINDINGS] if len(v.findings) > 1 else v.findings
+    return "; ".join(f"{f.kind} {f.field} {f.score:.2f}" + (f" ({f.detail})" if f.detail else "")
+                     for f in top) or v.reason
+
+
+def parse_time(text: str) -> float:
+    """UNIX seconds from a number or an ISO 8601 time (UTC unless it says otherwise)."""
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(text)  # "Z" too, since Python 3.11
+    except ValueError:
+        msg = f"{text!r} is neither UNIX seconds nor an ISO 8601 time"
+        raise ValueError(msg) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
+# -- reports (ponder explain, ponder costs): plain data, rendered by the CLI --------------------
+
+
+def explain_doc(sd: StoredDecision) -> dict[str, Any]:
+    """Everything the store knows about one decision, in the order a reader asks for it."""
+    d, t = sd.decision, sd.decision.trace
+    u = d.usage
+    doc: dict[str, Any] = {
+        "decision_id": d.decision_id, "pipeline": sd.pipeline, "recorded": sd.recorded,
+        "decision": {k: getattr(d, k) for k in ("key", "tenant", "action", "severity", "reason", "confidence",
+                                                "tier", "model", "degraded", "ts", "latency_ms")},
+        "event": sd.event,
+        "gate": {"score": t.gate_score if t else None,
+                 "findings": msgspec.to_builtins(t.findings) if t else []},
+        "privacy": t.privacy if t else None,
+        "prompt": ({"prefix": sd.explanation["prefix"], "tail": sd.explanation["tail"]}
+                   if sd.explanation is not None else None),
+        "tokens": {"prompt": u.prompt_tokens, "cached": u.cached_prompt_tokens,
+                   "new": u.prompt_tokens - u.cached_prompt_tokens, "completion": u.completion_tokens,
+                   "estimated": u.estimated},
+        "cost_usd": u.cost_usd,
+        "predicted": msgspec.to_builtins(t.predicted) if t and t.predicted else None,
+        "route": t.route if t else [],
+        "steps": [s.attrs for s in (t.stages if t else []) if s.name == "route"],
+        "skipped": t.skipped if t else [],
+        "errors": t.errors if t else [],
+        "vote": t.vote if t else None,
+        "attempts": [],
+        "stages": _stages(t) if t else [],
+    }
+    for a in (sd.explanation or {}).get("attempts", []):
+        texts, errs = a.get("texts", []), a.get("errors", [])
+        doc["attempts"].append({
+            "tier": a["tier"], "model": a.get("model", ""), "samples": a.get("samples", 1),
+            "repair": a.get("repair", ""), "failure": a.get("failure", ""), "usage": a.get("usage", {}),
+            "outputs": [{"text": x, "error": errs[i] if i < len(errs) else None} for i, x in enumerate(texts)]})
+    return doc
+
+
+def _stages(t: Any) -> list[dict[str, Any]]:
+    """The reasoner's stages and its calls (with their parts) on one timeline: (depth, name, start, ms)."""
+    out: list[dict[str, Any]] = []
+
+    def walk(span: Any, depth: int) -> None:
+        out.append({"depth": depth, "name": span.name, "start_ms": span.start_ms, "ms": span.ms,
+                    "attrs": span.attrs})
+        for p in span.parts:
+            walk(p, depth + 1)
+
+    for s in sorted([*t.stages, *t.spans], key=lambda s: s.start_ms):
+        walk(s, 0)
+    return out
+
+
+_GROUPS = ("tenant", "tier", "model", "action", "key")
+
+
+def cost_report(rows: Iterator[tuple], top: int = 10) -> dict[str, Any]:
+    """Spend by tenant, tier, model, action and key (the `top` dearest) from per-call rows
+    (TraceStore.cost_rows). Tier and model are the ones called (failed calls are paid too);
+    action and key are the decision's."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {g: {} for g in _GROUPS}
+    total = {"decisions": 0, "calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+             "completion_tokens": 0, "usd": 0.0}
+    seen: dict[str, set[str]] = {g: set() for g in (*_GROUPS, "total")}
+    for did, *names, p, c, o, usd in rows:
+        names[-1] = (names[0], names[-1])  # a key is one tenant's: (tenant, key)
+        for g, name, acc in [*((g, n, groups[g]) for g, n in zip(_GROUPS, names)), ("total", "", None)]:
+            row = total if acc is None else acc.setdefault(name, {
+                **({"tenant": name[0], "key": name[1]} if g == "key" else {g: name}), "decisions": 0, "calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+                "completion_tokens": 0, "usd": 0.0})
+            row["calls"] += 1
+            row["prompt_tokens"] += p
+            row["cached_prompt_tokens"] += c
+            row["completion_tokens"] += o
+            row["usd"] += usd
+            if (name, did) not in seen[g]:  # a decision counts once per group it paid into
+                seen[g].add((name, did))
+                row["decisions"] += 1
+    report: dict[str, Any] = {"total": total}
+    for g in _GROUPS:
+        ranked = sorted(groups[g].values(), key=lambda r: (-r["usd"], str(r[g])))
+        report[f"by_{g}"] = ranked[:top] if g == "key" else ranked
+    return report
+
+
+def ledger_report(doc: dict[str, Any]) -> dict[str, Any]:
+    """Spend by tenant and tier from a ledger (runtime/ledger.py); a ledger keeps no model,
+    action or key, and no times."""
+    total = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
+    groups: dict[str, dict[str, dict[str, Any]]] = {"tenant": {}, "tier": {}}
+    for r in doc.get("spend", []):
+        for g in ("tenant", "tier", None):
+            row = total if g is None else groups[g].setdefault(r[g], {g: r[g], **dict.fromkeys(total, 0)})
+            for k in total:
+                row[k] += r.get(k, 0)
+    return {"total": total, "pipeline": doc.get("pipeline", ""), "updated": doc.get("updated", ""),
+            **{f"by_{g}": sorted(v.values(), key=lambda r: (-r["usd"], r[g])) for g, v in groups.items()}}
