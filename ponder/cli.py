@@ -350,6 +350,42 @@ def subscribe(
     err.print(f"{n} records")
 
 
+@app.command()
+def top(
+    url: str = typer.Argument(..., help="a worker's metrics URL, e.g. http://localhost:9100/metrics"),
+    interval: float = typer.Option(2.0, help="seconds between scrapes"),
+    once: bool = typer.Option(False, "--once", help="print one view (two scrapes `interval` apart) and exit"),
+) -> None:
+    """A live view of a running worker: events/s, escalations, in flight, tier queues, latency,
+    spend against budgets (from its /metrics; Ctrl-C stops it)."""
+    import time
+
+    from rich.live import Live
+
+    from ponder.runtime.top import render, scrape, view
+
+    if not interval > 0:
+        err.print(f"[red]error:[/red] --interval must be > 0, got {interval}")
+        raise typer.Exit(2)
+    try:
+        last = scrape(url, time.monotonic())
+        if once:
+            time.sleep(interval)
+            out.print(render(view(last, scrape(url, time.monotonic())), url))
+            return
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                now = scrape(url, time.monotonic())
+                live.update(render(view(last, now), url), refresh=True)
+                last = now
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("serve-model")
 def serve_model(
     path: Path = typer.Argument(..., help="checkpoint directory (config.json, safetensors, tokenizer)"),

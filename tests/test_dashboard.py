@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import msgspec
 import pytest
+from typer.testing import CliRunner
 from kafka_helpers import (
     pipeline_worker_cmd,
     publish,
@@ -28,6 +29,9 @@ from kafka_helpers import (
     worker_pythonpath,
 )
 from prometheus_client import CollectorRegistry
+
+from ponder.cli import app
+from ponder.runtime import top
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "ponder.json"
@@ -148,6 +152,16 @@ def test_every_panel_returns_data_from_a_real_prometheus_scraping_a_worker(broke
         got = {(s["metric"]["tenant"], s["metric"]["tier"], s["metric"]["stage"]) for s in stage}
         assert {("acme", "edge", "batch wait"), ("globex", "edge", "engine prefill"),
                 ("acme", "cloud", "call"), ("globex", "edge", "context render")} <= got
+        # `ponder top` reads the same worker: two scrapes while the stream flows
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        first = top.scrape(url, time.monotonic())
+        asyncio.run(publish(broker, "in-dash", *events(40, sent, 1.0 + sent), PARTS))
+        time.sleep(2.0)
+        v = top.view(first, top.scrape(url, time.monotonic()))
+        assert v.events_s > 0 and set(v.tiers) == {"edge", "cloud"} and v.budgets
+        assert {tenant for tenant, _ in v.spend_usd_h} <= {"acme", "globex"}
+        r = CliRunner().invoke(app, ["top", url, "--once", "--interval", "1"])
+        assert r.exit_code == 0 and f"ponder top: {url}" in r.output, r.output
     finally:
         if prom is not None:
             prom.terminate()
