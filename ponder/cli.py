@@ -686,5 +686,28 @@ def costs(
         _render_costs(report)
 
 
+
+@app.command()
+def ui(
+    store: Path = typer.Option(Path("state/traces.db"), help="trace store: OUTPUT.traces.db of a file run, STATE_DIR/traces.db of a worker"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default: the page shows prompts and events)"),
+    port: int = typer.Option(8765, help="port to listen on"),
+) -> None:
+    """A local page: the live decision stream, a key's timeline and each decision explained."""
+    if not 0 < port < 65536:
+        err.print(f"[red]error:[/red] --port must be 1-65535, got {port}")
+        raise typer.Exit(2)
+    _open_store(store).close()  # a missing or foreign file is reported now, not on the first poll
+    try:
+        from ponder.ui import serve
+    except ImportError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    err.print(f"ponder ui: http://{host}:{port}/ over {store} (Ctrl-C stops)")
+    try:
+        serve(store, host=host, port=port)
+    except RuntimeError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
 if __name__ == "__main__":
     app()

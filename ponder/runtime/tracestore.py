@@ -9,7 +9,8 @@ Three tables:
 - `calls`: one row per model call (tier, model, tokens, USD), for cost by the tier and model
   that were paid, failed calls included;
 - `gates`: a compact row for every observed event (key, event time, score, escalated, the top
-  findings), so "why was nothing decided here?" has an answer.
+  findings, and its numeric fields: the raw signal `ponder ui` plots), so "why was nothing
+  decided here?" has an answer.
 
 Writes are buffered and go in one transaction at each checkpoint (or every `flush_every`
 rows), so an event costs one tuple append. The store is bounded by age (rows recorded more
@@ -19,6 +20,7 @@ than `max_age_s` ago are dropped) and by size (past `max_bytes`, the oldest rows
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -27,19 +29,29 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ponder.types import TENANT_SEP, Decision, Event
+from ponder.types import DEFAULT_TENANT, TENANT_SEP, Decision, Event
 
 if TYPE_CHECKING:
     from ponder.operators.gate import Verdict
+    from ponder.operators.privacy import Privacy
     from ponder.operators.reason import Explanation
 
-__all__ = ["TraceStore", "StoredDecision", "GateRow", "parse_time", "explain_doc", "cost_report",
-           "ledger_report"]
+__all__ = [
+    "GateRow",
+    "StoredDecision",
+    "TimelineGate",
+    "TraceStore",
+    "cost_report",
+    "explain_doc",
+    "ledger_report",
+    "parse_time",
+]
 
 logger = logging.getLogger(__name__)
 
 MIN_BYTES = 64 << 10  # below this the schema alone would not fit
 TOP_FINDINGS = 3
+SIGNAL_FIELDS = 16  # numeric fields kept per gate row: a wide payload must not bloat the store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -52,7 +64,8 @@ CREATE TABLE IF NOT EXISTS calls (
     model TEXT, prompt_tokens INTEGER, cached_prompt_tokens INTEGER, completion_tokens INTEGER,
     cost_usd REAL);
 CREATE TABLE IF NOT EXISTS gates (
-    key TEXT, tenant TEXT, ts REAL, wall REAL, score REAL, escalated INTEGER, reasons TEXT);
+    key TEXT, tenant TEXT, ts REAL, wall REAL, score REAL, escalated INTEGER, reasons TEXT,
+    signal TEXT);
 CREATE INDEX IF NOT EXISTS gates_key_ts ON gates (key, ts);
 """
 _TABLES = ("gates", "calls", "decisions")
@@ -75,6 +88,17 @@ class GateRow(msgspec.Struct, frozen=True):
     score: float
     escalated: bool
     reasons: str
+
+
+class TimelineGate(msgspec.Struct, frozen=True):
+    """One gate row as the page plots it: `signal` is the event's numeric fields (after the
+    privacy policy), empty when none were kept."""
+
+    ts: float
+    score: float
+    escalated: bool
+    reasons: str
+    signal: dict[str, float]
 
 
 class TraceStore:
@@ -110,12 +134,16 @@ class TraceStore:
                 # traces are diagnostics, not committed state: a crash may lose the last flush
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.executescript(_SCHEMA)
+                if "signal" not in self._gate_columns():  # a store written before the signal was kept
+                    self.db.execute("ALTER TABLE gates ADD COLUMN signal TEXT")
             self.db.execute("SELECT 1 FROM decisions LIMIT 1")
         except sqlite3.DatabaseError as e:
             self.db.close()
             msg = f"{str(self.path)!r} is not a ponder trace store: {e}"
             raise ValueError(msg) from e
         self._gates: list[tuple[Event, Verdict]] = []
+        # set by the worker with a privacy policy: the signal kept is what the policy lets through
+        self.privacy: Privacy | None = None
         self._decisions: list[tuple] = []
         self._calls: list[tuple] = []
 
@@ -152,15 +180,32 @@ class TraceStore:
         if not (self._gates or self._decisions):
             return
         wall = self.clock()
-        gates = [(_stream_key(ev), ev.tenant, ev.ts, wall, v.score, v.escalate, _reasons(v)) for ev, v in self._gates]
+        # a tenantless event's row names the tenant its decision names
+        gates = [(_stream_key(ev), ev.tenant or DEFAULT_TENANT, ev.ts, wall, v.score, v.escalate, _reasons(v), self._signal(ev))
+                 for ev, v in self._gates]
         with self.db:
-            self.db.executemany("INSERT INTO gates VALUES (?,?,?,?,?,?,?)", gates)
+            self.db.executemany("INSERT INTO gates VALUES (?,?,?,?,?,?,?,?)", gates)
             # a replayed event decides again with the same id: the latest record stands
             self.db.executemany("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                 self._decisions)
             self.db.executemany("INSERT INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", self._calls)
         self._gates, self._decisions, self._calls = [], [], []
         self.prune()
+
+    def _signal(self, ev: Event) -> str | None:
+        """The event's numeric fields as JSON (the first SIGNAL_FIELDS of them), or None: with a
+        privacy policy only what it keeps or coarsens to a number, and nothing when payloads
+        are not kept and no policy says what may be."""
+        if self.keep_payloads:
+            fields = _numeric(ev.payload, ev.ts)
+        elif self.privacy is not None:
+            fields = _allowed(self.privacy, ev.tenant, _numeric(ev.payload, ev.ts))
+        else:
+            return None
+        return msgspec.json.encode(fields).decode() if fields else None
+
+    def _gate_columns(self) -> set[str]:
+        return {row[1] for row in self.db.execute("PRAGMA table_info(gates)")}
 
     def checkpoint(self) -> None:
         """Flush for a running worker: a store that cannot be written (a full disk) is logged
@@ -239,6 +284,50 @@ class TraceStore:
         decisions = [msgspec.json.decode(b, type=Decision) for (b,) in self.db.execute(q + " ORDER BY ts", args)]
         return gates, decisions
 
+    def decisions_after(self, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        """The stream of decisions as stored: those with a row id past `after`, oldest first (a
+        replayed decision is stored again, under a new row id)."""
+        q = ("SELECT rowid, decision_id, key, tenant, ts, tier, model, action, cost_usd, decision "
+             "FROM decisions WHERE rowid > ? ORDER BY rowid LIMIT ?")
+        out = []
+        for rowid, did, key, tenant, ts, tier, model, action, usd, raw in self.db.execute(q, (after, limit)):
+            d = msgspec.json.decode(raw, type=Decision)
+            out.append({"rowid": rowid, "decision_id": did, "key": key, "tenant": tenant, "ts": ts, "tier": tier,
+                        "model": model, "action": action, "severity": d.severity, "reason": d.reason,
+                        "cost_usd": usd})
+        return out
+
+    def keys(self, limit: int = 500) -> list[dict[str, Any]]:
+        """(tenant, key) pairs seen by the gate, the most recently recorded first."""
+        q = ("SELECT tenant, key, count(*), max(rowid) FROM gates GROUP BY tenant, key "
+             "ORDER BY max(rowid) DESC LIMIT ?")
+        return [{"tenant": t, "key": k, "events": n} for t, k, n, _ in self.db.execute(q, (limit,))]
+
+    def timeline(self, key: str, tenant: str | None = None, limit: int = 2000
+                 ) -> tuple[list[TimelineGate], list[Decision]]:
+        """A key's last `limit` gate rows and the decisions in their time span, oldest first."""
+        signal = "signal" if "signal" in self._gate_columns() else "NULL"
+        q = f"SELECT ts, score, escalated, reasons, {signal} FROM gates WHERE key = ?"
+        args: list[Any] = [key]
+        if tenant is not None:
+            tenant = tenant or DEFAULT_TENANT
+            # stores written before gate rows named the default tenant hold "" for it
+            q += " AND tenant IN (?, ?)"
+            args += [tenant, "" if tenant == DEFAULT_TENANT else tenant]
+        rows = self.db.execute(q + " ORDER BY ts DESC, rowid DESC LIMIT ?", [*args, limit]).fetchall()
+        gates = [TimelineGate(ts, score, bool(esc), reasons, _decode_signal(sig))
+                 for ts, score, esc, reasons, sig in reversed(rows)]
+        q = "SELECT decision FROM decisions WHERE key = ?"
+        args = [key]
+        if tenant is not None:
+            q += " AND tenant = ?"
+            args.append(tenant)
+        if gates:
+            q += " AND ts >= ?"
+            args.append(gates[0].ts)
+        decisions = [msgspec.json.decode(b, type=Decision) for (b,) in self.db.execute(q + " ORDER BY ts", args)]
+        return gates, decisions
+
     def cost_rows(self, since: float | None = None, until: float | None = None) -> Iterator[tuple]:
         """(decision id, tenant, tier, model, action, key, prompt, cached, completion, usd) per
         call whose triggering event's time is within [since, until]."""
@@ -253,6 +342,35 @@ class TraceStore:
 
 def _stream_key(ev: Event) -> str:
     return ev.key[len(ev.tenant) + 1:] if ev.tenant and ev.key.startswith(ev.tenant + TENANT_SEP) else ev.key
+
+
+def _numeric(payload: dict[str, Any], ts: float) -> dict[str, float]:
+    """Up to SIGNAL_FIELDS finite numbers of a payload; a field equal to the event time is the
+    plot's x axis, not a signal."""
+    out: dict[str, float] = {}
+    for name, v in payload.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v != ts:
+            out[str(name)] = float(v)
+            if len(out) == SIGNAL_FIELDS:
+                break
+    return out
+
+
+def _allowed(privacy: Privacy, tenant: str, fields: dict[str, float]) -> dict[str, float]:
+    """The numeric fields a privacy policy lets a trace hold: kept ones as they are, coarsened
+    ones coarsened; dropped, masked and hashed ones (no longer numbers) are left out, and so is a
+    field whose name holds PII the policy replaces."""
+    from ponder.operators.pii import Placeholders
+
+    if not fields:
+        return fields
+    kept, _ = privacy.payload(tenant, fields, Placeholders())
+    return {k: float(v) for k, v in kept.items()
+            if k in fields and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _decode_signal(text: str | None) -> dict[str, float]:
+    return msgspec.json.decode(text) if text else {}
 
 
 def _reasons(v: Verdict) -> str:

@@ -166,6 +166,7 @@ class Worker:
             logic.reasoner.explaining = {}
             # with a privacy policy the raw event stays out: the prompt shows what it let through
             traces.keep_payloads = traces.keep_payloads and privacy is None
+            traces.privacy = privacy  # the plotted signal: only what the policy lets through
 
     @property
     def store(self) -> Store:
