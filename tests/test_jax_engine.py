@@ -453,3 +453,20 @@ def test_constrained_output_always_validates(tiny):
         jsonschema.validate(json.loads(text), schema)
         texts.add(text)
     assert len(texts) > 10  # the seeds really sampled
+
+
+def test_each_result_says_how_long_it_queued_prefilled_and_decoded(tiny):
+    """The phases an engine span shows (runtime/tracing.py): on the generator's clock, in
+    order, adding up to no more than the call took."""
+    import time
+
+    gen = make(tiny)
+    t0 = time.perf_counter()
+    res = gen.generate([GenRequest("ph", ids(40, 3), 6, ignore_eos=True),
+                        GenRequest("ph2", ids(30, 4), 6, ignore_eos=True, n=2, temperature=0.7, seed=1)])
+    took = time.perf_counter() - t0
+    for r in res:
+        assert set(r.phases) == {"queue", "prefill", "decode"}
+        assert r.phases["queue"] >= 0 and r.phases["prefill"] > 0 and r.phases["decode"] > 0
+        assert sum(r.phases.values()) <= took
+    assert res[1].phases["decode"] == max(s.phases["decode"] for s in res[1].samples)

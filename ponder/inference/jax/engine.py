@@ -278,7 +278,7 @@ class JaxEngine:
         texts = tuple(self.decode(s.tokens) for s in samples)
         usage = Usage(res.prompt_tokens, res.cached_tokens, sum(len(s.tokens) for s in samples))
         return Completion(texts[0], usage, self.model, res.finish_reason, res.error,
-                          samples=texts if res.samples else ())
+                          samples=texts if res.samples else (), timings=res.phases)
 
     async def submit(self, req):
         """One GenRequest through the continuous batch -> its GenResult."""

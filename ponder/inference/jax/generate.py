@@ -36,6 +36,7 @@ import math
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -102,6 +103,8 @@ class GenResult:
     # n > 1: every sample's own result, in order; the fields above are then sample 0's, with
     # the prompt's counts (once), and an error of any sample
     samples: list[GenResult] = field(default_factory=list)
+    # seconds in each phase: waiting for a slot (queue), prefill to the first token, decode
+    phases: dict[str, float] | None = None
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
@@ -185,6 +188,9 @@ class _Row:
     index: int = 0  # which sample of its request this row draws
     forks: list[str] = field(default_factory=list)  # n > 1, until forked: the other samples' sessions
     group: list[_Row] | None = None  # n > 1, once forked: every sample's row, in order (shared)
+    born: float = field(default_factory=time.perf_counter)  # phases (perf_counter s): arrived,
+    admitted: float = 0.0  # its prefill began,
+    first: float = 0.0  # its first token was chosen
 
     @property
     def cap(self) -> int:
@@ -206,8 +212,12 @@ class _Row:
         return f[self.index] if isinstance(f, (list, tuple)) else f
 
     def result(self) -> GenResult:
+        phases = None
+        if self.admitted:
+            first, done = self.first or time.perf_counter(), time.perf_counter()
+            phases = {"queue": self.admitted - self.born, "prefill": first - self.admitted, "decode": done - first}
         return GenResult(self.out, self.logprobs, len(self.req.prompt), self.cached,
-                         self.finish or "stop", self.error)
+                         self.finish or "stop", self.error, phases=phases)
 
 
 def _request_result(rows: list[_Row]) -> GenResult:
@@ -215,6 +225,8 @@ def _request_result(rows: list[_Row]) -> GenResult:
     prompt counted once, every sample in `samples`, and the first sample's error if any."""
     res = rows[0].result()
     res.samples = [r.result() for r in rows]
+    if res.phases:  # the request decodes until its last sample is done
+        res.phases["decode"] = max(s.phases["decode"] for s in res.samples if s.phases)
     bad = next((r for r in rows if r.error), None)
     if bad is not None:
         res.finish_reason, res.error = "error", f"sample {bad.index}: {bad.error}"
@@ -565,7 +577,7 @@ class Generator:
                 r.group = [r]
                 for i, key in enumerate(r.forks, 1):
                     r.group.append(_Row(r.tag, key, r.req, cached=r.cached, seed=(r.seed + i) & SEED_MASK,
-                                        index=i, group=r.group))
+                                        index=i, group=r.group, born=r.born, admitted=r.admitted))
                     src.append(j)
                 rows += r.group[1:]
                 r.forks = []
@@ -609,6 +621,9 @@ class Generator:
         new = [r for r in new if not r.finish]
         if not new:
             return batch, None
+        now = time.perf_counter()
+        for r in new:
+            r.admitted = now
         if on_admit:
             on_admit(len(new))
         S = bucket(max(r.cap for r in kept + new), self.seq_buckets)
@@ -773,6 +788,8 @@ class Generator:
     def _accept(self, row: _Row, t: int, logprob: float) -> None:
         """Take token t for a row; set row.finish when the row stops."""
         req, c = row.req, row.req.constraint
+        if not row.first:
+            row.first = time.perf_counter()
         if t in self.eos_ids and not req.ignore_eos and (c is None or c.is_complete(row.state)):
             row.finish = "stop"
             return
