@@ -372,6 +372,7 @@ HTTP_ALLOWED = {
     "ponder/inference/openai.py",  # the engine: constructed only by the registry, behind the door
     "ponder/inference/servers.py",  # asks a server what it is, with the engine's client, no data
     "ponder/demo.py",  # polls the health of a model server it started itself
+    "ponder/runtime/top.py",  # reads a worker's /metrics: GETs only, sends no event data
 }
 ENGINE_ALLOWED = {"ponder/inference/openai.py", "ponder/inference/registry.py"}
 

@@ -349,10 +349,19 @@ def _numeric(payload: dict[str, Any], ts: float) -> dict[str, float]:
     plot's x axis, not a signal."""
     out: dict[str, float] = {}
     for name, v in payload.items():
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v != ts:
-            out[str(name)] = float(v)
-            if len(out) == SIGNAL_FIELDS:
-                break
+        t = type(v)  # exact types first: this runs for every event at each flush
+        if t is float:
+            if v != ts and v - v == 0.0:  # finite: inf - inf and nan - nan are nan
+                out[name] = v
+        elif t is int:
+            if v != ts:
+                out[name] = float(v)
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v != ts:
+            out[str(name)] = float(v)  # subclasses (numpy scalars from a custom source)
+        else:
+            continue
+        if len(out) == SIGNAL_FIELDS:
+            break
     return out
 
 
