@@ -105,12 +105,12 @@ def test_one_namespace_is_one_key_and_salt_whoever_sends_it(server):
     with httpx.Client(timeout=120) as one, httpx.Client(timeout=120) as two:
         for client, expected in ((one, 0), (two, 59), (one, 59)):
             r = client.post(server.url + "/completions", headers={"Authorization": f"Bearer {KEY_A}"},
-                            json={"prompt": prompt, "max_tokens": 2, "session": "shared", "cache_salt": "acme"})
+                            json={"prompt": prompt, "max_tokens": 2, "session": "common", "cache_salt": "acme"})
             assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
     assert [cached(server, (KEY_A, "acme"), prompt, None) for _ in range(2)] == [0, 0]
     # `user`, then `prompt_cache_key`, name the session when `session` is absent
     for field in ("user", "prompt_cache_key"):
-        body = {"prompt": prompt, "max_tokens": 2, field: "shared", "cache_salt": "acme"}
+        body = {"prompt": prompt, "max_tokens": 2, field: "common", "cache_salt": "acme"}
         r = httpx.post(server.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"},
                        timeout=120)
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 59
@@ -202,7 +202,7 @@ def test_a_namespace_within_its_share_is_never_pushed_out():
     assert pool.where(c) == "device" and [k for k in a + b if pool.where(k)] == [a[2], a[3], b[9]]
 
 
-def test_host_memory_is_shared_by_the_same_rule():
+def test_host_memory_follows_the_same_rule():
     """4 device pages and 4 pages' worth of host memory. A's four sessions: two on device, two
     spilled. B's reads spill A to its share on device (2 pages) and drop A's host sessions
     down to its share of host memory (2 pages); B's own then take their turn."""
