@@ -9,8 +9,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import msgspec
@@ -18,6 +16,8 @@ import pytest
 from kafka_helpers import (pipeline_worker_cmd, publish, read_all, stop, wait_committed, wait_started,
                            worker_pythonpath)
 from typer.testing import CliRunner
+
+from pipeline_runs import run_module
 
 from ponder.cli import app
 from ponder.runtime.tracestore import TraceStore
@@ -80,15 +80,7 @@ def events() -> list[dict]:
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`ponder run` over the events with a recording engine; (decisions, engine, store path)."""
-    name = f"explain_pipe_{tmp_path.name}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(PIPELINE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    inp, out = tmp_path / "events.jsonl", tmp_path / "decisions.jsonl"
-    inp.write_text("".join(json.dumps(e) + "\n" for e in events()))
-    r = runner.invoke(app, ["run", f"{name}:pipeline", "--input", str(inp), "--output", str(out)])
-    assert r.exit_code == 0, r.output
-    decisions = [msgspec.json.decode(line, type=Decision) for line in out.read_text().splitlines()]
-    return decisions, sys.modules[name].edge, Path(str(out) + ".traces.db")
+    return run_module(tmp_path, monkeypatch, f"explain_pipe_{tmp_path.name}", PIPELINE, events())
 
 
 def explain(*args: str) -> dict:

@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -23,11 +22,13 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
+from pipeline_runs import run_module
+
 from ponder.cli import app
 from ponder.operators.gate import Verdict
 from ponder.operators.privacy import FieldRule, Policy, Privacy
 from ponder.runtime.tracestore import SIGNAL_FIELDS, TraceStore
-from ponder.types import Decision, Event, SourcePos
+from ponder.types import Event, SourcePos
 from ponder.ui.app import STATIC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,15 +83,7 @@ def events() -> list[dict]:
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`ponder run` over the events with a recording engine: (decisions, engine, store path)."""
-    name = f"ui_pipe_{tmp_path.name}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(PIPELINE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    inp, out = tmp_path / "events.jsonl", tmp_path / "decisions.jsonl"
-    inp.write_text("".join(json.dumps(e) + "\n" for e in events()))
-    r = runner.invoke(app, ["run", f"{name}:pipeline", "--input", str(inp), "--output", str(out)])
-    assert r.exit_code == 0, r.output
-    decisions = [msgspec.json.decode(line, type=Decision) for line in out.read_text().splitlines()]
-    return decisions, sys.modules[name].edge, Path(str(out) + ".traces.db")
+    return run_module(tmp_path, monkeypatch, f"ui_pipe_{tmp_path.name}", PIPELINE, events())
 
 
 def _free_port() -> int:

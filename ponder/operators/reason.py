@@ -330,7 +330,7 @@ class Reasoner:
         return Decision(
             decision_id=did,
             key=event.stream_key,
-            tenant=event.tenant or DEFAULT_TENANT,
+            tenant=tenant,
             action=action,
             severity=severity,
             reason=reason,

@@ -117,7 +117,8 @@ class Worker:
         self.source = source
         self.sink = sink
         # every remote tier behind the privacy door, however the engines were handed in
-        key = logic.privacy.key if getattr(logic, "privacy", None) is not None else None
+        privacy = logic.privacy
+        key = privacy.key if privacy is not None else None
         remote = {t.name for t in tiers if not t.is_local}
         self.engines = {name: Egress(e, key) if name in remote and not isinstance(e, Egress) else e
                         for name, e in engines.items()}
@@ -155,7 +156,6 @@ class Worker:
                     max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, weights=tenant_weights)
         # traces of escalated events, when the environment configures an exporter (else None,
         # and the event path takes no clock reading for them)
-        privacy = getattr(logic, "privacy", None)
         self.tracing = from_env(tiers, self.engines, pipeline=name,
                                 pseudonym=privacy.pseudonym if privacy is not None else None)
         self._stamps: dict[int, Stamps] = {}  # id(event) -> its stamps, while it waits in a lane
