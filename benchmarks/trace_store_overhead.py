@@ -5,9 +5,12 @@ runtime_throughput's stream and framework run (the simulator's fleet through
 without a trace store, and with one (runtime/tracestore.py: a gate row for every event and
 each decision with its explanation, written to SQLite at checkpoints and at the end, inside
 the timed run). Time is the process's CPU time; reported: the ratio of events per CPU second
-with / without, per repeat and the median. Target: >= 0.95.
+with / without, per repeat, their median, and the ratio of the summed CPU times. Target: >= 0.95.
 
-    python benchmarks/trace_store_overhead.py        # 50k events x 7 -> results/trace_store_overhead.json
+This machine's speed drifts by 10-30% over seconds (a shared VM), more than the effect
+measured: many short pairs, in alternating order, let the drift cancel in the median.
+
+    python benchmarks/trace_store_overhead.py        # 20k events x 25 -> results/trace_store_overhead.json
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def run(rt, records, store_dir: Path | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--events", type=int, default=50_000)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--repeat", type=int, default=25)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS / "trace_store_overhead.json")
     args = ap.parse_args(argv)
@@ -73,13 +76,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "events": len(records), "repeat": len(ratios),
         "events_per_s_ratio_median": statistics.median(ratios), "ratios": ratios,
+        "summed_cpu_ratio": sum(r["without"]["cpu_s"] for r in runs) / sum(r["with"]["cpu_s"] for r in runs),
         "best_ratio": min(r["without"]["cpu_s"] for r in runs) / min(r["with"]["cpu_s"] for r in runs),
         "target": ">= 0.95", "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"events/s with the trace store / without: median {result['events_per_s_ratio_median']:.3f}, "
-          f"best runs {result['best_ratio']:.3f}")
+          f"summed {result['summed_cpu_ratio']:.3f}, best runs {result['best_ratio']:.3f}")
     return result
 
 

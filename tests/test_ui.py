@@ -27,7 +27,7 @@ from pipeline_runs import run_module
 from ponder.cli import app
 from ponder.operators.gate import Verdict
 from ponder.operators.privacy import FieldRule, Policy, Privacy
-from ponder.runtime.tracestore import SIGNAL_FIELDS, TraceStore
+from ponder.runtime.tracestore import ROW_BYTES, SIGNAL_FIELDS, TraceStore
 from ponder.types import Event, SourcePos
 from ponder.ui.app import STATIC
 
@@ -176,11 +176,13 @@ def _expected(path: Path, tenant: str, key: str) -> dict[str, int]:
     """Each kind's rows for one key, read from the store with plain SQL."""
     db = sqlite3.connect(path)
     try:
-        gates = db.execute("SELECT escalated, signal FROM gates WHERE tenant = ? AND key = ?", (tenant, key)).fetchall()
+        gates = db.execute("SELECT escalated, payload FROM gates WHERE tenant = ? AND key = ?", (tenant, key)).fetchall()
         (decided,) = db.execute("SELECT count(*) FROM decisions WHERE tenant = ? AND key = ?", (tenant, key)).fetchone()
     finally:
         db.close()
-    return {"signal": sum(len(json.loads(s)) for _, s in gates if s), "score": len(gates),
+    # a row keeps its (small) payload: the plotted signal is its numbers other than the time
+    signal = sum(type(x) in (int, float) and name != "ts" for _, s in gates if s for name, x in json.loads(s).items())
+    return {"signal": signal, "score": len(gates),
             "escalation": sum(e for e, _ in gates), "decision": decided}
 
 
@@ -262,8 +264,8 @@ def test_page_assets_load_nothing_from_elsewhere():
 def _gate_row(store: TraceStore, payload: dict, tenant: str = "") -> dict | None:
     store.gate(Event("k", T0, payload, SourcePos("f", 0, 0), tenant=tenant), Verdict(0.1, False, []))
     store.flush()
-    (sig,) = store.db.execute("SELECT signal FROM gates ORDER BY rowid DESC LIMIT 1").fetchone()
-    return json.loads(sig) if sig else None
+    gates, _ = store.timeline("k", tenant)
+    return gates[-1].signal or None
 
 
 def test_signal_keeps_bounded_numeric_fields_after_the_privacy_policy(tmp_path: Path):
@@ -278,6 +280,19 @@ def test_signal_keeps_bounded_numeric_fields_after_the_privacy_policy(tmp_path: 
     db.privacy = Privacy(default=Policy(fields=(FieldRule("temp", "coarsen", step=5.0), FieldRule("ssn", "drop"),
                                                 FieldRule("acct", "mask"))))
     assert _gate_row(db, {"temp": 23.7, "ssn": 123456789, "acct": 42, "load": 0.5}) == {"temp": 20.0, "load": 0.5}
+    (raw,) = db.db.execute("SELECT payload FROM gates ORDER BY block DESC, seq DESC LIMIT 1").fetchone()
+    assert json.loads(raw) == {"temp": 20.0, "load": 0.5}  # what was withheld is not on disk either
+    db.close()
+
+
+def test_a_gate_row_keeps_a_small_payload_whole_and_a_large_ones_numbers(tmp_path: Path):
+    db = TraceStore(tmp_path / "t.db")
+    small = {"ts": T0, "site": "plant-2", "temp": 21.5, "ok": True}
+    assert _gate_row(db, small) == {"temp": 21.5}
+    large = {"line": "x" * ROW_BYTES, "temp": 21.5, "n": 2}
+    assert _gate_row(db, large) == {"temp": 21.5, "n": 2.0}
+    rows = [json.loads(r) for (r,) in db.db.execute("SELECT payload FROM gates ORDER BY block, seq")]
+    assert rows == [small, {"temp": 21.5, "n": 2.0}]
     db.close()
 
 
@@ -295,4 +310,27 @@ def test_a_store_from_before_the_signal_gains_it(tmp_path: Path):
     assert _gate_row(db, {"v": 2}) == {"v": 2.0}
     gates, _ = db.timeline("k", "")
     assert [(g.ts, g.signal) for g in gates] == [(T0, {}), (T0, {"v": 2.0})]
+    db.close()
+
+
+def test_a_store_of_one_row_per_verdict_moves_into_blocks(tmp_path: Path):
+    """Stores written before gate blocks (a `gates` table, one row per verdict) are moved into
+    blocks when opened: their rows, scores, reasons and signals read back the same."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE decisions (decision_id TEXT PRIMARY KEY, pipeline TEXT, key TEXT, tenant TEXT, ts REAL,
+            wall REAL, tier TEXT, model TEXT, action TEXT, cost_usd REAL, decision BLOB, event BLOB, explanation BLOB);
+        CREATE TABLE gates (key TEXT, tenant TEXT, ts REAL, wall REAL, score REAL, escalated INTEGER, reasons TEXT,
+            signal TEXT);""")
+    old.executemany("INSERT INTO gates VALUES ('k', 'default', ?, 1.0, ?, ?, ?, ?)",
+                    [(T0 + i, i / 10, int(i == 2), f"r{i}", json.dumps({"v": i}) if i else None) for i in range(4)])
+    old.commit()
+    old.close()
+    db = TraceStore(path, max_age_s=1e12)
+    gates, _ = db.timeline("k", "default")
+    assert [(g.ts, g.score, g.escalated, g.reasons, g.signal) for g in gates] == \
+        [(T0 + i, i / 10, i == 2, f"r{i}", {"v": float(i)} if i else {}) for i in range(4)]
+    assert db.counts()["gates"] == 4
+    assert [r[0] for r in db.db.execute("SELECT type FROM sqlite_master WHERE name = 'gates'")] == ["view"]
     db.close()

@@ -8,13 +8,17 @@ Three tables:
   output and validation;
 - `calls`: one row per model call (tier, model, tokens, USD), for cost by the tier and model
   that were paid, failed calls included;
-- `gates`: a compact row for every observed event (key, event time, score, escalated, the top
-  findings, and its numeric fields: the raw signal `ponder ui` plots), so "why was nothing
-  decided here?" has an answer.
+- `gate_blocks`: every observed event's verdict (event time, score, escalated, the top
+  findings, and its payload when small, else its numbers: the raw signal `ponder ui` plots
+  is picked out of it when read), so "why was nothing
+  decided here?" has an answer. One row holds one key's verdicts of one flush as a JSON
+  array (at most BLOCK_ROWS): an event costs one tuple append on the event path and one
+  JSON encoding at the flush, where a SQLite row (and index entry) per event cost ~9 µs. The
+  view `gates` shows them one row per event, for SQL.
 
 Writes are buffered and go in one transaction at each checkpoint (or every `flush_every`
-rows), so an event costs one tuple append. The store is bounded by age (rows recorded more
-than `max_age_s` ago are dropped) and by size (past `max_bytes`, the oldest rows go first).
+rows). The store is bounded by age (rows recorded more than `max_age_s` ago are dropped) and
+by size (past `max_bytes`, the oldest rows go first).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ logger = logging.getLogger(__name__)
 MIN_BYTES = 64 << 10  # below this the schema alone would not fit
 TOP_FINDINGS = 3
 SIGNAL_FIELDS = 16  # numeric fields kept per gate row: a wide payload must not bloat the store
+BLOCK_ROWS = 512  # verdicts per gate block: the unit a reader decodes and the size bound drops
+ROW_BYTES = 512  # a block whose rows average past this keeps their numbers only (log lines are not signals)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -63,12 +69,20 @@ CREATE TABLE IF NOT EXISTS calls (
     decision_id TEXT, ts REAL, wall REAL, tenant TEXT, key TEXT, action TEXT, tier TEXT,
     model TEXT, prompt_tokens INTEGER, cached_prompt_tokens INTEGER, completion_tokens INTEGER,
     cost_usd REAL);
-CREATE TABLE IF NOT EXISTS gates (
-    key TEXT, tenant TEXT, ts REAL, wall REAL, score REAL, escalated INTEGER, reasons TEXT,
-    signal TEXT);
-CREATE INDEX IF NOT EXISTS gates_key_ts ON gates (key, ts);
+CREATE TABLE IF NOT EXISTS gate_blocks (
+    key TEXT, tenant TEXT, ts_lo REAL, ts_hi REAL, wall REAL, n INTEGER, escalated INTEGER,
+    rows TEXT);  -- JSON: [[ts, score, escalated, reasons, payload | {field: number} | null], ...]
+CREATE INDEX IF NOT EXISTS gate_blocks_key_ts ON gate_blocks (key, ts_hi);
 """
-_TABLES = ("gates", "calls", "decisions")
+_GATES_VIEW = """
+CREATE VIEW IF NOT EXISTS gates AS
+SELECT b.key AS key, b.tenant AS tenant, json_extract(r.value, '$[0]') AS ts, b.wall AS wall,
+       json_extract(r.value, '$[1]') AS score, json_extract(r.value, '$[2]') AS escalated,
+       json_extract(r.value, '$[3]') AS reasons, json_extract(r.value, '$[4]') AS payload,
+       b.rowid AS block, r.key AS seq
+FROM gate_blocks b, json_each(b.rows) r;
+"""
+_TABLES = ("gate_blocks", "calls", "decisions")
 
 
 class StoredDecision(msgspec.Struct, frozen=True):
@@ -99,6 +113,17 @@ class TimelineGate(msgspec.Struct, frozen=True):
     escalated: bool
     reasons: str
     signal: dict[str, float]
+
+
+class _Block:
+    """One key's verdicts since the last flush: (ts, score, escalated, reasons, payload or
+    numbers or None)."""
+
+    __slots__ = ("key", "rows", "tenant")
+
+    def __init__(self, key: str, tenant: str) -> None:
+        self.key, self.tenant = key, tenant
+        self.rows: list[tuple] = []
 
 
 class TraceStore:
@@ -134,14 +159,16 @@ class TraceStore:
                 # traces are diagnostics, not committed state: a crash may lose the last flush
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.executescript(_SCHEMA)
-                if "signal" not in self._gate_columns():  # a store written before the signal was kept
-                    self.db.execute("ALTER TABLE gates ADD COLUMN signal TEXT")
             self.db.execute("SELECT 1 FROM decisions LIMIT 1")
+            self._upgrade()
         except sqlite3.DatabaseError as e:
             self.db.close()
             msg = f"{str(self.path)!r} is not a ponder trace store: {e}"
             raise ValueError(msg) from e
-        self._gates: list[tuple[Event, Verdict]] = []
+        # each key's verdicts since the last flush (split into BLOCK_ROWS rows when written)
+        self._open: dict[str, _Block] = {}
+        self._pending = 0
+        self._enc = msgspec.json.Encoder()
         # set by the worker with a privacy policy: the signal kept is what the policy lets through
         self.privacy: Privacy | None = None
         self._decisions: list[tuple] = []
@@ -150,11 +177,20 @@ class TraceStore:
     # -- writing -----------------------------------------------------------------------------
 
     def gate(self, ev: Event, verdict: Verdict) -> None:
-        """Record one observed event's verdict (formatted at flush, off the event path; its
-        recording time is the flush's, a checkpoint interval late at most)."""
-        gates = self._gates
-        gates.append((ev, verdict))
-        if len(gates) >= self.flush_every:
+        """Record one observed event's verdict: a tuple in its key's open block, encoded at
+        the flush (its recording time is the flush's, a checkpoint interval late at most).
+        The row holds the payload itself when payloads are kept (the signal is picked out
+        when read), else only the numbers a privacy policy lets through."""
+        # by the event's key alone: a tenant's keys carry its name (types.Event), so it is one
+        # tenant's; the tuple append is all the event path pays
+        block = self._open.get(ev.key)
+        if block is None:
+            block = self._open[ev.key] = _Block(_stream_key(ev), ev.tenant or DEFAULT_TENANT)
+        v = verdict
+        block.rows.append((ev.ts, v.score, v.escalate, _reasons(v) if v.findings else v.reason,
+                           ev.payload if self.keep_payloads else self._withheld_signal(ev) or None))
+        self._pending += 1
+        if self._pending >= self.flush_every:
             self.checkpoint()
 
     def decision(self, d: Decision, ev: Event, explanation: Explanation | None) -> None:
@@ -177,35 +213,60 @@ class TraceStore:
 
     def flush(self) -> None:
         """Write what is buffered in one transaction, then enforce the bounds."""
-        if not (self._gates or self._decisions):
+        if not (self._pending or self._decisions):
             return
         wall = self.clock()
-        # a tenantless event's row names the tenant its decision names
-        gates = [(_stream_key(ev), ev.tenant or DEFAULT_TENANT, ev.ts, wall, v.score, v.escalate, _reasons(v), self._signal(ev))
-                 for ev, v in self._gates]
+        blocks = []
+        for b in self._open.values():
+            for i in range(0, len(b.rows), BLOCK_ROWS):
+                rows = b.rows[i:i + BLOCK_ROWS]
+                ts = [r[0] for r in rows]
+                blocks.append((b.key, b.tenant, min(ts), max(ts), wall, len(ts), sum(r[2] for r in rows),
+                               self._encode(rows)))
         with self.db:
-            self.db.executemany("INSERT INTO gates VALUES (?,?,?,?,?,?,?,?)", gates)
+            self.db.executemany("INSERT INTO gate_blocks VALUES (?,?,?,?,?,?,?,?)", blocks)
             # a replayed event decides again with the same id: the latest record stands
             self.db.executemany("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                 self._decisions)
             self.db.executemany("INSERT INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", self._calls)
-        self._gates, self._decisions, self._calls = [], [], []
+        self._drop_buffers()
         self.prune()
 
-    def _signal(self, ev: Event) -> str | None:
-        """The event's numeric fields as JSON (the first SIGNAL_FIELDS of them), or None: with a
-        privacy policy only what it keeps or coarsens to a number, and nothing when payloads
-        are not kept and no policy says what may be."""
-        if self.keep_payloads:
-            fields = _numeric(ev.payload, ev.ts)
-        elif self.privacy is not None:
-            fields = _allowed(self.privacy, ev.tenant, _numeric(ev.payload, ev.ts))
-        else:
-            return None
-        return msgspec.json.encode(fields).decode() if fields else None
+    def _encode(self, rows: list[tuple]) -> str:
+        """A block's rows as JSON. Rows that average past ROW_BYTES (log lines, blobs), and
+        payloads JSON cannot hold, keep their numbers only: a store of signals, not of data."""
+        try:
+            text = self._enc.encode(rows)
+            if len(text) <= ROW_BYTES * len(rows):
+                return text.decode()
+        except (TypeError, ValueError):  # a custom source's payload (odd names or values)
+            pass
+        if not self.keep_payloads:  # numbers already, with text names
+            return self._enc.encode(rows).decode()
+        return self._enc.encode([(*r[:4], _numeric(r[4], r[0]) or None) for r in rows]).decode()
 
-    def _gate_columns(self) -> set[str]:
-        return {row[1] for row in self.db.execute("PRAGMA table_info(gates)")}
+    def _withheld_signal(self, ev: Event) -> dict[str, float]:
+        """The numeric fields a store that keeps no payloads may hold: with a privacy policy
+        what it keeps or coarsens to a number, else none."""
+        if self.privacy is None:
+            return {}
+        return _allowed(self.privacy, ev.tenant, _numeric(ev.payload, ev.ts))
+
+    def _upgrade(self) -> None:
+        """Move a store written one SQLite row per verdict (table `gates`) into gate blocks
+        (one block per old row), and (re)create the `gates` view."""
+        kind = self.db.execute("SELECT type FROM sqlite_master WHERE name = 'gates'").fetchone()
+        if kind is not None and kind[0] == "table":
+            self.db.executescript(_SCHEMA)
+            cols = {row[1] for row in self.db.execute("PRAGMA table_info(gates)")}
+            signal = "json(signal)" if "signal" in cols else "NULL"
+            with self.db:
+                self.db.execute(
+                    "INSERT INTO gate_blocks SELECT key, tenant, ts, ts, wall, 1, escalated, "
+                    f"json_array(json_array(ts, score, escalated, reasons, {signal})) FROM gates ORDER BY rowid")
+                self.db.execute("DROP TABLE gates")
+        if kind is None or kind[0] == "table":
+            self.db.executescript(_GATES_VIEW)
 
     def checkpoint(self) -> None:
         """Flush for a running worker: a store that cannot be written (a full disk) is logged
@@ -214,8 +275,12 @@ class TraceStore:
             self.flush()
         except (sqlite3.Error, OSError) as e:
             logger.warning("trace store %s: dropping %d records: %s: %s", self.path,
-                           len(self._gates) + len(self._decisions), type(e).__name__, e)
-            self._gates, self._decisions, self._calls = [], [], []
+                           self._pending + len(self._decisions), type(e).__name__, e)
+            self._drop_buffers()
+
+    def _drop_buffers(self) -> None:
+        self._open, self._pending = {}, 0
+        self._decisions, self._calls = [], []
 
     def prune(self) -> None:
         """Drop rows older than `max_age_s`, then the oldest rows until the file fits `max_bytes`."""
@@ -269,13 +334,15 @@ class TraceStore:
                ) -> tuple[list[GateRow], list[Decision]]:
         """The gate verdicts and decisions of `key` with event time within `window_s` of `ts`."""
         lo, hi = ts - window_s, ts + window_s
-        q = "SELECT key, tenant, ts, score, escalated, reasons FROM gates WHERE key = ? AND ts BETWEEN ? AND ?"
+        q = "SELECT tenant, rows FROM gate_blocks WHERE key = ? AND ts_hi >= ? AND ts_lo <= ?"
         args: list[Any] = [key, lo, hi]
         if tenant is not None:
             q += " AND tenant = ?"
             args.append(tenant)
-        gates = [GateRow(k, t, s, sc, bool(e), r) for k, t, s, sc, e, r in
-                 self.db.execute(q + " ORDER BY ts, rowid", args)]
+        gates = [GateRow(key, t, r[0], r[1], bool(r[2]), r[3])
+                 for t, text in self.db.execute(q + " ORDER BY rowid", args)
+                 for r in _decode_rows(text) if lo <= r[0] <= hi]
+        gates.sort(key=lambda g: g.ts)  # stable: rows of one time keep their arrival order
         q = "SELECT decision FROM decisions WHERE key = ? AND ts BETWEEN ? AND ?"
         args = [key, lo, hi]
         if tenant is not None:
@@ -299,24 +366,29 @@ class TraceStore:
 
     def keys(self, limit: int = 500) -> list[dict[str, Any]]:
         """(tenant, key) pairs seen by the gate, the most recently recorded first."""
-        q = ("SELECT tenant, key, count(*), max(rowid) FROM gates GROUP BY tenant, key "
+        q = ("SELECT tenant, key, sum(n), max(rowid) FROM gate_blocks GROUP BY tenant, key "
              "ORDER BY max(rowid) DESC LIMIT ?")
         return [{"tenant": t, "key": k, "events": n} for t, k, n, _ in self.db.execute(q, (limit,))]
 
     def timeline(self, key: str, tenant: str | None = None, limit: int = 2000
                  ) -> tuple[list[TimelineGate], list[Decision]]:
-        """A key's last `limit` gate rows and the decisions in their time span, oldest first."""
-        signal = "signal" if "signal" in self._gate_columns() else "NULL"
-        q = f"SELECT ts, score, escalated, reasons, {signal} FROM gates WHERE key = ?"
+        """A key's last `limit` gate rows (by event time) and the decisions in their time span,
+        oldest first."""
+        q = "SELECT rows, n FROM gate_blocks WHERE key = ?"
         args: list[Any] = [key]
         if tenant is not None:
             tenant = tenant or DEFAULT_TENANT
             # stores written before gate rows named the default tenant hold "" for it
             q += " AND tenant IN (?, ?)"
             args += [tenant, "" if tenant == DEFAULT_TENANT else tenant]
-        rows = self.db.execute(q + " ORDER BY ts DESC, rowid DESC LIMIT ?", [*args, limit]).fetchall()
-        gates = [TimelineGate(ts, score, bool(esc), reasons, _decode_signal(sig))
-                 for ts, score, esc, reasons, sig in reversed(rows)]
+        rows: list[list] = []
+        for text, n in self.db.execute(q + " ORDER BY ts_hi DESC, rowid DESC", args):
+            rows[:0] = _decode_rows(text)
+            if len(rows) - n >= limit:  # one block past the limit: a late event may reach back into it
+                break
+        rows.sort(key=lambda r: r[0])
+        gates = [TimelineGate(r[0], r[1], bool(r[2]), r[3], _numeric(r[4], r[0]) if r[4] else {})
+                 for r in rows[-limit:]]
         q = "SELECT decision FROM decisions WHERE key = ?"
         args = [key]
         if tenant is not None:
@@ -337,7 +409,10 @@ class TraceStore:
                                        until if until is not None else float("inf")))
 
     def counts(self) -> dict[str, int]:
-        return {t: self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _TABLES}
+        """Rows per kind: gate verdicts, model calls, decisions."""
+        (gates,) = self.db.execute("SELECT coalesce(sum(n), 0) FROM gate_blocks").fetchone()
+        return {"gates": gates, **{t: self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                                   for t in ("calls", "decisions")}}
 
 
 def _stream_key(ev: Event) -> str:
@@ -352,10 +427,10 @@ def _numeric(payload: dict[str, Any], ts: float) -> dict[str, float]:
         t = type(v)  # exact types first: this runs for every event at each flush
         if t is float:
             if v != ts and v - v == 0.0:  # finite: inf - inf and nan - nan are nan
-                out[name] = v
+                out[str(name)] = v
         elif t is int:
             if v != ts:
-                out[name] = float(v)
+                out[str(name)] = float(v)
         elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v != ts:
             out[str(name)] = float(v)  # subclasses (numpy scalars from a custom source)
         else:
@@ -378,8 +453,8 @@ def _allowed(privacy: Privacy, tenant: str, fields: dict[str, float]) -> dict[st
             if k in fields and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _decode_signal(text: str | None) -> dict[str, float]:
-    return msgspec.json.decode(text) if text else {}
+def _decode_rows(text: str) -> list[list]:
+    return msgspec.json.decode(text)
 
 
 def _reasons(v: Verdict) -> str:
