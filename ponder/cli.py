@@ -177,9 +177,15 @@ def nab(
     if not data_dir.is_dir():
         err.print(f"[red]error:[/red] {str(data_dir)!r} is not a directory")
         raise typer.Exit(2)
-    report = run_nab(data_dir, out_dir)
+    from ponder.evaluate.nab import scores
+
+    series: dict = {}
+    report = run_nab(data_dir, out_dir, series=series)
     print(format_report(report))
     t = report.totals
+    if any(s.windows for s in series.values()):
+        print("NAB score (NAB's scorer arithmetic, best threshold per profile): " + ", ".join(
+            f"{p} {s.normalized:.2f}" for p, s in scores(series).items()))
     print(f"escalation_rate={t.escalation_rate:.4f} window_recall={t.window_recall:.4f} "
           f"results={out_dir / 'ponder'}")
 

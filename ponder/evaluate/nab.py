@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 
 from ponder.connectors.files import nab_key, read_nab
+from ponder.evaluate.nabscore import PROFILES, NabScore, Series, nab_score
 from ponder.operators.gate import GatePolicy, new_state, observe
 from ponder.types import Event, SourcePos
 
@@ -39,6 +40,8 @@ __all__ = [
     "run_nab",
     "evaluate",
     "format_report",
+    "group_scores",
+    "scores",
 ]
 
 HEADER = ("timestamp", "value", "anomaly_score", "label", "escalated")
@@ -129,7 +132,8 @@ def find_series(data_dir: Path) -> tuple[Path, list[Path]]:
 
 
 def gate_detector(policy: GatePolicy | None = None) -> Detector:
-    """The gate as a NAB detector: score = gate score, flag = escalation."""
+    """The gate as a NAB detector: score = the verdict's surprise (what the router ranks by),
+    flag = escalation."""
     g = policy or GatePolicy()
 
     def detect(key: str, ts: Sequence[float], values: Sequence[float]
@@ -139,7 +143,7 @@ def gate_detector(policy: GatePolicy | None = None) -> Detector:
         flags: list[bool] = []
         for i, (t, v) in enumerate(zip(ts, values, strict=True)):
             verdict = observe(g, st, Event(key, t, {"value": v}, SourcePos("nab", 0, i)))
-            scores.append(min(1.0, max(0.0, verdict.score)))
+            scores.append(min(1.0, max(0.0, verdict.surprise)))
             flags.append(verdict.escalate)
         return scores, flags
 
@@ -193,9 +197,10 @@ def _totals(files: list[NabFile]) -> NabTotals:
 
 
 def evaluate(data_dir: Path, detector: Detector, *, name: str = "ponder",
-             out_dir: Path | None = None) -> NabReport:
+             out_dir: Path | None = None, series: dict[str, Series] | None = None) -> NabReport:
     """Run `detector` over every NAB series under data_dir; write results files when out_dir is
-    given (`out_dir/<name>/<group>/<name>_<file>.csv`)."""
+    given (`out_dir/<name>/<group>/<name>_<file>.csv`), and put each labelled file's times,
+    scores (as written: 4 places) and windows into `series` when given, for `nab_score`."""
     data_dir = Path(data_dir)
     root, paths = find_series(data_dir)
     all_windows = load_windows(data_dir)
@@ -206,6 +211,8 @@ def evaluate(data_dir: Path, detector: Detector, *, name: str = "ponder",
         scores, flags = detector(key, ts, values)
         windows = None if all_windows is None else all_windows.get(key)
         files.append(score_flags(key, ts, flags, windows))
+        if series is not None and windows is not None:
+            series[key] = Series(ts, [round(x, 4) for x in scores], windows)
         if out_dir is not None:
             rel = path.relative_to(root)
             dest = Path(out_dir) / name / rel.parent / f"{name}_{rel.name}"
@@ -219,10 +226,35 @@ def evaluate(data_dir: Path, detector: Detector, *, name: str = "ponder",
     return NabReport(files=files, totals=_totals(files), detector=name)
 
 
-def run_nab(data_dir: Path, out_dir: Path, policy: GatePolicy | None = None) -> NabReport:
+def run_nab(data_dir: Path, out_dir: Path, policy: GatePolicy | None = None,
+            series: dict[str, Series] | None = None) -> NabReport:
     """Run the gate over the NAB series under data_dir and write NAB results files to
     `out_dir/ponder/<group>/ponder_<name>.csv`."""
-    return evaluate(data_dir, gate_detector(policy), name="ponder", out_dir=out_dir)
+    return evaluate(data_dir, gate_detector(policy), name="ponder", out_dir=out_dir, series=series)
+
+
+def scores(series: dict[str, Series]) -> dict[str, NabScore]:
+    """The NAB score under each profile, each at its own best threshold (as NAB's runner)."""
+    return {p: nab_score(series, p) for p in PROFILES}
+
+
+def group_scores(series: dict[str, Series], profile: str = "standard") -> dict[str, dict[str, float]]:
+    """Per NAB group: its score at its own best threshold, and leave-one-group-out: at the
+    threshold that is best on the other groups. Groups without windows have no normalised
+    score; their false positives at the threshold are reported instead."""
+    groups = sorted({k.split("/")[0] for k in series})
+    out: dict[str, dict[str, float]] = {}
+    for g in groups:
+        test = {k: v for k, v in series.items() if k.split("/")[0] == g}
+        train = {k: v for k, v in series.items() if k.split("/")[0] != g}
+        own = nab_score(test, profile)
+        row = {"score": own.normalized, "threshold": own.threshold, "fp": own.fp}
+        if train:
+            th = nab_score(train, profile).threshold
+            held = nab_score(test, profile, th)
+            row |= {"logo_score": held.normalized, "logo_threshold": th, "logo_fp": held.fp}
+        out[g] = row
+    return out
 
 
 def format_report(report: NabReport) -> str:

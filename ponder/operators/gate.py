@@ -66,6 +66,7 @@ MAX_REGIMES = 4  # levels remembered per numeric field
 MAX_NAME = 128  # characters of a field name the state keeps: longer fields are not scored
 MAX_ABS = 1e100  # largest magnitude scored: squares and sums of such values stay finite
 _DEVIATIONS = frozenset({"spike", "rate", "level_shift", "drift"})
+_UNDER_OPEN = 0.999  # a share of `open` that rounds (to 4 places) below it
 
 
 @dataclass(frozen=True)
@@ -234,12 +235,21 @@ class GateState(msgspec.Struct):
 
 
 class Verdict(msgspec.Struct, frozen=True):
-    score: float
+    score: float  # the most surprising finding's score
     escalate: bool
     findings: list[Finding]
     reason: str = ""
     # what the privacy policy withheld or transformed in this event: field -> action, no values
     privacy: dict[str, str] = {}
+    # how much news the event is (None: as much as its score): an escalation's score; under
+    # `open` for every other event, however high its score (inside an open incident an event
+    # that adds nothing escalates nothing). What the router ranks tiers by and `ponder nab`
+    # writes as the anomaly score.
+    news: float | None = None
+
+    @property
+    def surprise(self) -> float:
+        return self.score if self.news is None else self.news
 
 
 def new_state() -> GateState:
@@ -250,6 +260,15 @@ def _ramp(x: float, lo: float, hi: float) -> float:
     if x <= lo:
         return 0.0
     return 1.0 if x >= hi else (x - lo) / (hi - lo)
+
+
+def _past(u: float, width: float) -> float:
+    """The score of a statistic at `u` times its threshold: 0 up to `1 - width`, 0.5 at the
+    threshold, then towards 1 without reaching it, so a value far past its bar still ranks
+    above one just past it (the NAB score, and a budget, want the strongest news first)."""
+    if u <= 1.0:
+        return _ramp(u, 1.0 - width, 1.0) * 0.5
+    return 1.0 - 0.5 * math.exp(-(u - 1.0) / width)
 
 
 def _season(g: GatePolicy, fg: FieldGate, ts: float, v: float, dt: float,
@@ -421,14 +440,14 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             fg.basis, fg.cpos, fg.cneg, fg.cpeak, fg.cmax = 0, 0.0, 0.0, 0.0, 0.0
         zc, base, c_scale = (v - slow) / s_slow, slow, s_slow
     ar = abs(r)
-    lo_w, hi_w = 1.0 - g.width, 1.0 + g.width
+    hi_w = 1.0 + g.width  # past this ratio a CUSUM restarts
     if scored:
         # spike
         t_abs = g.spike_z * scale
         recur = g.spike_recur * fg.brate / g.spike_decay
         t = g.spike_ratio * fg.big * (recur if recur < 1.0 else 1.0)
         t = t if t > t_abs else t_abs
-        s = _ramp(ar / t, lo_w, hi_w)
+        s = _past(ar / t, g.width)
         if s > 0.0 and not (basis <= 0 and _known(g, fg, v, s_fast)):
             out.append(Finding("spike", name, s, v, expected,
                                f"{r:+.4g} off expected, threshold {t:.4g}"))
@@ -448,12 +467,12 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         bc = bc if bc > 0.0 else 0.0
         hb = g.cusum_ratio * fg.bmax
         hb = hb if hb > g.burst_h else g.burst_h
-        s = _ramp(bc / hb, lo_w, hi_w)
+        s = _past(bc / hb, g.width)
         if s > 0.0:
             out.append(Finding("rate", name, s, v, expected,
                                f"large deviations arriving fast ({bc:.1f} vs {hb:.1f})"))
         fg.bmax *= 1.0 - g.decay
-        if s >= 1.0:
+        if bc >= hi_w * hb:  # clearly a burst: it restarts
             bc = fg.bpeak = 0.0
             fg.bmax = max(fg.bmax, hb)
         elif bc == 0.0:
@@ -473,7 +492,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
         c = fg.cpos if fg.cpos > fg.cneg else fg.cneg
         h = g.cusum_ratio * fg.cmax
         h = h if h > g.cusum_h else g.cusum_h
-        s = _ramp(c / h, lo_w, hi_w)
+        s = _past(c / h, g.width)
         # back at a level it sat at before (a square wave, a machine switching modes): no news
         known = s > 0.0 and not fg.basis and (_known(g, fg, v, s_fast)
                                               or _known(g, fg, fast, s_fast))
@@ -482,7 +501,7 @@ def _numeric(g: GatePolicy, fg: FieldGate, name: str, v: float, ts: float, dt: f
             out.append(Finding(kind, name, s, v, base,
                                f"cusum {c:.0f} vs {h:.0f}, recent mean {fast:.4g} vs {base:.4g}"))
         fg.cmax *= 1.0 - g.decay
-        if s >= 1.0:
+        if c >= hi_w * h:
             # restart from the recent level, so one step is one incident; a key not already in
             # an incident learns that excursions this large happen
             fg.cpos = fg.cneg = fg.cpeak = 0.0
@@ -647,4 +666,6 @@ def _hysteresis(g: GatePolicy, st: GateState, findings: list[Finding]) -> Verdic
     if escalate:
         st.last_escalation = st.n
     findings.sort(key=lambda f: -f.score)
-    return Verdict(score, escalate, findings, why)
+    # just under the bar: an event not escalated never outranks one that is
+    news = score if escalate else min(score, _UNDER_OPEN * g.open)
+    return Verdict(score, escalate, findings, why, news=news)

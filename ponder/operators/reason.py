@@ -129,7 +129,7 @@ class Reasoner:
         def samples_at(spec) -> int:
             """Samples the first call at a tier draws: a vote's first round, or one."""
             v = spec.vote
-            return Tally(v.n).next_draw() if v is not None and v.at_once(verdict.score) else 1
+            return Tally(v.n).next_draw() if v is not None and v.at_once(verdict.surprise) else 1
 
         def claim(spec, n: int = 0) -> str | None:
             if local and not spec.is_local:
@@ -148,7 +148,7 @@ class Reasoner:
                               worst.completion_tokens * (1 + spec.retries))
             hold, why = self.budgets.reserve(
                 tenant, spec.name, tokens=worst.prompt_tokens + worst.completion_tokens,
-                usd=self._cost(spec, worst), score=verdict.score, min_score=spec.min_score,
+                usd=self._cost(spec, worst), score=verdict.surprise, min_score=spec.min_score,
                 partition=event.source.partition)
             if hold is not None:
                 holds[spec.name] = hold
@@ -236,13 +236,14 @@ class Reasoner:
             passed over (and why)."""
             began, passed = self.clock(), len(skipped)
             chosen = pick(*args, **kw)
-            stage("route", began, {"step": step, "why": why, "score": round(verdict.score, 4),
+            stage("route", began, {"step": step, "why": why, "score": round(verdict.surprise, 4),
                                    "tier": chosen or "", "skipped": skipped[passed:]})
             return chosen
 
-        wanted = router.wanted(verdict.score)
-        tier = move("first", f"score {verdict.score:.2f} asks for {wanted}",
-                    router.first, verdict.score, need, skipped, claim)
+        # tiers are chosen by the verdict's surprise (gate.Verdict): an escalation's score
+        wanted = router.wanted(verdict.surprise)
+        tier = move("first", f"score {verdict.surprise:.2f} asks for {wanted}",
+                    router.first, verdict.surprise, need, skipped, claim)
         degraded = tier != wanted
         tried: set[str] = set()
         votes: list[dict[str, int]] = []
