@@ -125,7 +125,9 @@ def test_gap() -> None:
     # the next event comes 30 intervals late
     late = observe(g, st, Event("k", T0 + 130 * 60.0, {"v": 10.0}, SourcePos("t", 0, 100)))
     assert escalations(out) == []
-    assert late.escalate and late.findings[0].kind == "gap" and late.findings[0].score == 1.0
+    assert late.escalate and late.findings[0].kind == "gap"
+    # 31 intervals against the bar halfway between gap=(6, 20): past it, rising towards 1
+    assert late.findings[0].score == pytest.approx(1.0 - 0.5 * math.exp(-(31 / 13 - 1) / (7 / 13)))
 
 
 def test_rule() -> None:
@@ -336,3 +338,34 @@ def test_fields_filter() -> None:
     payloads[200] = {"a": 10.0, "b": 99.0}
     assert escalations(run(payloads, g=GatePolicy(fields=("a",)))) == []
     assert escalations(run(payloads)) == [(200, "spike")]
+
+
+def test_scores_past_the_bar_keep_ranking():
+    """A statistic at u times its bar scores 0 up to 1 - width, 0.5 at the bar, and then keeps
+    rising without reaching 1: one far past its bar outranks one just past it."""
+    from ponder.operators.gate import _past
+
+    w = 0.5
+    assert [_past(u, w) for u in (0.0, 0.5, 0.75, 1.0)] == [0.0, 0.0, 0.25, 0.5]
+    past = [_past(1.0 + k / 10, w) for k in range(1, 40)]
+    assert all(0.5 < a < b < 1.0 for a, b in zip(past, past[1:]))
+    assert _past(1.5, w) == pytest.approx(1.0 - 0.5 * math.exp(-1.0))
+
+
+def test_an_incident_is_less_news_in_a_key_that_had_others_lately():
+    """Surprise: an escalation's score, shrunk towards `open` by the key's recent incidents;
+    under `open` for every other event; the score itself is unchanged."""
+    g = GatePolicy(quiet=5, fields=(), rules=(Rule("hot", lambda e: e.payload["v"] > 30.0, score=0.8),))
+    st = new_state()
+    out = []
+    for i in range(400):
+        v = 10.0 + (40.0 if i in (200, 260, 320) else 0.0)
+        out.append(observe(g, st, Event("k", float(i), {"v": v}, SourcePos("t", 0, i))))
+    onsets = [(i, o) for i, o in enumerate(out) if o.reason == "incident opened"]
+    assert [i for i, _ in onsets] == [200, 260, 320]
+    first, second, third = (o for _, o in onsets)
+    assert first.surprise == first.score
+    recent = (1.0 - g.decay) ** 60  # the first onset, forgotten for 60 events
+    assert second.surprise == pytest.approx(g.open + (second.score - g.open) / (1.0 + recent))
+    assert g.open <= third.surprise < third.score
+    assert all(o.surprise < g.open for o in out if not o.escalate)

@@ -36,6 +36,13 @@ non-deviation kind) not yet in the incident, or after a cool-down that doubles w
 `quiet` events under `close` end the incident. The level-shift bar does not learn from events
 inside an open incident. The state is bounded whatever the stream length (see `FieldGate`).
 
+Surprise (`Verdict.surprise`): how much news an event is, in one scale for every key. An
+escalation's score, shrunk towards `open` by `1 + ` the key's recent incidents (each counts 1,
+forgotten at `decay` per event): an incident in a key that has had others lately ranks below
+one in a key where they are rare, as an anomaly likelihood would rank it. Every other event
+stays under `open`, however high its findings score. The router chooses tiers by it; `ponder
+nab` writes it as NAB's anomaly score (benchmarks/nab_gate.py: NAB's own scoring).
+
 `observe` runs the user rules, and checks the event time, before it changes any state: a rule
 that raises, or an event time that is not finite, leaves the key's state as it was. After that
 nothing raises for any payload of JSON values (what the decoder lets through).
@@ -84,9 +91,10 @@ class GatePolicy:
     """Thresholds of the gate. The defaults were tuned on NAB and on the simulator's incidents
     (benchmarks/nab_gate.py).
 
-    A signal is a ratio `u` of a statistic to its threshold; its finding scores
-    `(u - 1 + width) / (2 * width)` clipped to [0, 1], so `u = 1` scores 0.5, the default `open`.
-    Decays and rates are per event of the field.
+    A signal is a ratio `u` of a statistic to its threshold; its finding scores 0 up to
+    `u = 1 - width`, 0.5 at `u = 1` (the default `open`), and past it `1 - exp(-(u - 1) / width) / 2`,
+    rising towards 1 without reaching it, so the strongest news ranks first. Decays and rates
+    are per event of the field.
     """
 
     warmup: int = 30  # events of a field before its signals score
@@ -232,6 +240,7 @@ class GateState(msgspec.Struct):
     last_escalation: int = -1
     repeats: int = 0  # cool-down escalations of the open incident
     kinds: list[str] = []  # what the open incident has escalated for
+    onsets: float = 0.0  # incidents opened lately (each counts 1, forgotten at `decay` per event)
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -241,10 +250,7 @@ class Verdict(msgspec.Struct, frozen=True):
     reason: str = ""
     # what the privacy policy withheld or transformed in this event: field -> action, no values
     privacy: dict[str, str] = {}
-    # how much news the event is (None: as much as its score): an escalation's score; under
-    # `open` for every other event, however high its score (inside an open incident an event
-    # that adds nothing escalates nothing). What the router ranks tiers by and `ponder nab`
-    # writes as the anomaly score.
+    # how much news the event is (None: as much as its score); see "Surprise" above
     news: float | None = None
 
     @property
@@ -593,7 +599,9 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
     if st.n > 0:
         dt = ts - st.last_ts
         if st.n >= g.warmup and st.dt > 0.0:
-            s = _ramp(dt / st.dt, *g.gap)
+            lo, hi = g.gap  # 0 at lo, 0.5 halfway, then rising as other findings do
+            mid = 0.5 * (lo + hi)
+            s = _past(dt / st.dt / mid, (hi - lo) / (2.0 * mid))
             if s > 0.0:
                 findings.append(Finding("gap", "*", s, dt, st.dt,
                                         f"{dt:.0f}s since previous event"))
@@ -665,7 +673,13 @@ def _hysteresis(g: GatePolicy, st: GateState, findings: list[Finding]) -> Verdic
             st.quiet_run = 0
     if escalate:
         st.last_escalation = st.n
+        # an incident is less news in a key that has had others lately (an anomaly likelihood:
+        # what is routine for this key ranks below what is rare for another)
+        news = g.open + (score - g.open) / (1.0 + st.onsets)
+        if why == "incident opened":
+            st.onsets += 1.0
+    else:
+        news = min(score, _UNDER_OPEN * g.open)  # an event not escalated never outranks one that is
+    st.onsets -= g.decay * st.onsets
     findings.sort(key=lambda f: -f.score)
-    # just under the bar: an event not escalated never outranks one that is
-    news = score if escalate else min(score, _UNDER_OPEN * g.open)
     return Verdict(score, escalate, findings, why, news=news)
