@@ -346,7 +346,8 @@ def _tier_table(r: DemoResult) -> Any:
     for row in r.spend:
         add(row["tenant"], row["tier"], row, degraded[(row["tenant"], row["tier"])])
     per.add_section()
-    for tier, t in sorted(by_tier.items()):
+    for tier in sorted({*by_tier, "reflex", "edge", "cloud"}):  # a tier never called shows 0
+        t = by_tier.get(tier) or Counter(dict.fromkeys(keys, 0))
         add("all", tier, t, sum(n for (_, ti), n in degraded.items() if ti == tier))
     add("all", "all", total, sum(degraded.values()))
     return per

@@ -369,3 +369,17 @@ def test_an_incident_is_less_news_in_a_key_that_had_others_lately():
     assert second.surprise == pytest.approx(g.open + (second.score - g.open) / (1.0 + recent))
     assert g.open <= third.surprise < third.score
     assert all(o.surprise < g.open for o in out if not o.escalate)
+
+
+def test_gaps_that_recur_raise_the_gap_bar():
+    """A key that goes quiet for ~20 intervals now and then: the first such gap is news, the
+    ones like it after are not, and a much longer one still is."""
+    g = GatePolicy(fields=(), quiet=5)
+    st = new_state()
+    t, out = 0.0, {}
+    for i in range(600):
+        t += 20 * 60.0 if i in (100, 200, 300) else (200 * 60.0 if i == 400 else 60.0)
+        out[i] = observe(g, st, Event("k", t, {}, SourcePos("t", 0, i)))
+    gaps = {i: out[i].escalate for i in (100, 200, 300, 400)}
+    assert gaps == {100: True, 200: False, 300: False, 400: True}
+    assert out[400].findings[0].kind == "gap" and "12000s since previous event" in out[400].findings[0].detail

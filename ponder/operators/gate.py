@@ -27,7 +27,8 @@ A number the statistics cannot hold, NaN, ±inf or beyond ±`MAX_ABS` (where dif
 sums would overflow), is a missing value. A field whose name is longer than `MAX_NAME` is not
 scored, nor are lists and objects.
 Per categorical field: a value never seen before, after warm-up, in a field whose values are not
-new all the time. Per key: a gap in event time. Plus user rules over the event. A numeric field
+new all the time. Per key: a gap in event time, against a bar that rises while gaps that long recur
+(and relaxes as they stop). Plus user rules over the event. A numeric field
 that only increased during warm-up (a clock, a counter) is not scored.
 
 Hysteresis: the first event whose score reaches `open` opens an incident and escalates. While
@@ -240,6 +241,7 @@ class GateState(msgspec.Struct):
     last_escalation: int = -1
     repeats: int = 0  # cool-down escalations of the open incident
     kinds: list[str] = []  # what the open incident has escalated for
+    gmax: float = 0.0  # the longest gap lately, in typical intervals (a relaxing max)
     onsets: float = 0.0  # incidents opened lately (each counts 1, forgotten at `decay` per event)
 
 
@@ -601,10 +603,18 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
         if st.n >= g.warmup and st.dt > 0.0:
             lo, hi = g.gap  # 0 at lo, 0.5 halfway, then rising as other findings do
             mid = 0.5 * (lo + hi)
-            s = _past(dt / st.dt / mid, (hi - lo) / (2.0 * mid))
+            u = dt / st.dt
+            # gaps this long recur in this key (a device that sleeps, a batch upload): the bar
+            # rises to clear them, and relaxes while they stop recurring
+            bar = g.cusum_ratio * st.gmax
+            bar = bar if bar > mid else mid
+            s = _past(u / bar, (hi - lo) / (2.0 * mid))
             if s > 0.0:
                 findings.append(Finding("gap", "*", s, dt, st.dt,
                                         f"{dt:.0f}s since previous event"))
+            if u > lo and u > st.gmax:
+                st.gmax = u
+        st.gmax -= g.decay * st.gmax
         if dt > 0.0:
             st.dt = dt if st.dt == 0.0 else st.dt + 0.05 * (min(dt, 10.0 * st.dt) - st.dt)
     st.last_ts = ts

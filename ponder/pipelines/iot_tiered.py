@@ -41,7 +41,9 @@ from ponder.pipelines.pipeline import Pipeline
 __all__ = ["BUDGETS", "CLOUD_PRICE", "EDGE_PRICE", "TenantTelemetry", "build", "pipeline"]
 
 EDGE_ENV, CLOUD_ENV, CLOUD_MODEL_ENV = "PONDER_EDGE_ENGINE", "PONDER_CLOUD_URL", "PONDER_CLOUD_MODEL"
-EDGE_SCORE, CLOUD_SCORE = 0.6, 0.95
+# Surprise (gate.Verdict): 0.5 at a finding's bar; 0.6 a tenth past it; 0.8 about half past it,
+# or a key's first incident in a while that is clearly past its bar
+EDGE_SCORE, CLOUD_SCORE = 0.6, 0.8
 # An edge answer less confident than this goes up to the cloud. 0: random weights answer with
 # confidence 0, which would send every edge call on up; a trained edge model would set ~0.6.
 EDGE_CONFIDENCE = 0.0
