@@ -371,6 +371,19 @@ def test_an_incident_is_less_news_in_a_key_that_had_others_lately():
     assert all(o.surprise < g.open for o in out if not o.escalate)
 
 
+def test_follow_ups_keep_the_share_their_incident_opened_with():
+    g = GatePolicy(quiet=5, cooldown=1, fields=(), rules=(Rule("hot", lambda e: e.payload["v"] > 30.0, score=0.8),))
+    st = new_state()
+    hot = {100, 101, 200, 201}
+    out = [observe(g, st, Event("k", float(i), {"v": 50.0 if i in hot else 10.0}, SourcePos("t", 0, i)))
+           for i in range(300)]
+    assert [(i, o.reason) for i, o in enumerate(out) if o.escalate] == [
+        (100, "incident opened"), (101, "incident persists"), (200, "incident opened"), (201, "incident persists")]
+    assert out[100].surprise == out[101].surprise == 0.8  # the key's first incident
+    share = 1.0 / (1.0 + (1.0 - g.decay) ** 100)  # the first incident, 100 events ago
+    assert out[200].surprise == out[201].surprise == pytest.approx(g.open + 0.3 * share)
+
+
 def test_gaps_that_recur_raise_the_gap_bar():
     """A key that goes quiet for ~20 intervals now and then: the first such gap is news, the
     ones like it after are not, and a much longer one still is."""

@@ -270,7 +270,10 @@ async def test_escalated_events_become_span_trees_with_the_reasons_and_the_genai
                                          key=lambda k: k.start_time_unix_nano)
                 assert seconds(prefill) >= PREFILL_S - ROUNDING_S and seconds(decode) >= DECODE_S - ROUNDING_S
         routes = [attrs(s) for s in named(spans, "route")]
-        assert routes[0]["ponder.route.score"] == pytest.approx(a["ponder.gate.score"])
+        # the router ranks by the verdict's surprise: the gate's score, shrunk for a key's later incidents
+        gate_attrs = attrs(named(spans, "gate")[0])
+        assert routes[0]["ponder.route.score"] == pytest.approx(gate_attrs["ponder.gate.surprise"])
+        assert gate_attrs["ponder.gate.surprise"] <= gate_attrs["ponder.gate.score"] == a["ponder.gate.score"]
         if offset == 1:  # continues the trace its event came with
             assert root.trace_id.hex() == TRACE_ID and root.parent_span_id.hex() == PARENT_ID
             assert (routes[0]["ponder.route.tier"], routes[0]["ponder.route.why"]) == ("edge", "score 0.70 asks for edge")

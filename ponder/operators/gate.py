@@ -38,10 +38,11 @@ non-deviation kind) not yet in the incident, or after a cool-down that doubles w
 inside an open incident. The state is bounded whatever the stream length (see `FieldGate`).
 
 Surprise (`Verdict.surprise`): how much news an event is, in one scale for every key. An
-escalation's score, shrunk towards `open` by `1 + ` the key's recent incidents (each counts 1,
-forgotten at `decay` per event): an incident in a key that has had others lately ranks below
-one in a key where they are rare, as an anomaly likelihood would rank it. Every other event
-stays under `open`, however high its findings score. The router chooses tiers by it; `ponder
+escalation's score, its part past `open` divided by `1 + ` the key's incidents before this one
+lately (each counts 1, forgotten at `decay` per event; an incident's follow-ups keep the share
+its onset got): an incident in a key that has had others lately ranks below one in a key where
+they are rare, as an anomaly likelihood would rank it. Every other event stays under `open`,
+however high its findings score. The router chooses tiers by it; `ponder
 nab` writes it as NAB's anomaly score (benchmarks/nab_gate.py: NAB's own scoring).
 
 `observe` runs the user rules, and checks the event time, before it changes any state: a rule
@@ -243,6 +244,7 @@ class GateState(msgspec.Struct):
     kinds: list[str] = []  # what the open incident has escalated for
     gmax: float = 0.0  # the longest gap lately, in typical intervals (a relaxing max)
     onsets: float = 0.0  # incidents opened lately (each counts 1, forgotten at `decay` per event)
+    scale: float = 1.0  # the open incident's share of its score past `open` that is news
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -683,11 +685,13 @@ def _hysteresis(g: GatePolicy, st: GateState, findings: list[Finding]) -> Verdic
             st.quiet_run = 0
     if escalate:
         st.last_escalation = st.n
-        # an incident is less news in a key that has had others lately (an anomaly likelihood:
-        # what is routine for this key ranks below what is rare for another)
-        news = g.open + (score - g.open) / (1.0 + st.onsets)
         if why == "incident opened":
+            # an incident is less news in a key that has had others lately (an anomaly
+            # likelihood: what is routine for this key ranks below what is rare for another);
+            # its follow-ups keep the scale its onset set
+            st.scale = 1.0 / (1.0 + st.onsets)
             st.onsets += 1.0
+        news = g.open + (score - g.open) * st.scale
     else:
         news = min(score, _UNDER_OPEN * g.open)  # an event not escalated never outranks one that is
     st.onsets -= g.decay * st.onsets

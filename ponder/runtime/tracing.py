@@ -198,6 +198,8 @@ class Tracing:
         self._leaf("decode", ctx, _clamp(st.decode, st.decoded, whole))
         self._leaf("gate", ctx, _clamp(st.gate, st.gated, whole),
                    {"ponder.gate.score": round(verdict.score, 4),
+                    # what the router ranks tiers by (gate.Verdict.surprise)
+                    "ponder.gate.surprise": round(verdict.surprise, 4),
                     "ponder.gate.findings": [f.kind for f in verdict.findings[:8]]})
         self._leaf("lane wait", ctx, _clamp(st.queued, st.taken, whole))
         within = _clamp(r0, r1, whole)
