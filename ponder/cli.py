@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -254,6 +254,7 @@ def worker(
     traces: Optional[str] = typer.Option(
         None, help="trace store (SQLite) for `ponder explain` and `ponder costs` "
         "(default: STATE_DIR/traces.db; none: keep no traces)"),
+    runtime: str = typer.Option("native", help="native, faust (ponder[faust]) or bytewax (ponder[bytewax])"),
 ) -> None:
     """Run a pipeline as a Kafka consumer-group worker until SIGTERM, then drain and commit."""
     import logging
@@ -264,11 +265,19 @@ def worker(
                         stream=sys.stderr)
     from ponder.pipelines.pipeline import load_pipeline
 
+    if runtime not in ("native", "faust", "bytewax"):
+        err.print(f"[red]error:[/red] --runtime must be native, faust or bytewax, got {runtime!r}")
+        raise typer.Exit(2)
     try:
         pipe = load_pipeline(pipeline)
     except (ValueError, TypeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    if runtime != "native":
+        _hosted_worker(runtime, pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
+                       output_topic=output_topic, dead_letter_topic=dead_letter_topic, partitions=partitions,
+                       session_timeout_ms=session_timeout_ms)
+        return
     try:
         stats = _until_failed(lambda: run_worker(
             pipe, brokers, group=group, state_dir=state_dir, input_topic=input_topic,
@@ -280,6 +289,23 @@ def worker(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     print(stats.line(), file=sys.stderr)
+
+
+def _hosted_worker(runtime: str, pipe: Any, brokers: str, **kw: Any) -> None:
+    """The pipeline on another stream processor: ponder.runtime.faust or ponder.runtime.bytewax,
+    which need their extra installed."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"ponder.runtime.{runtime}")
+    except ImportError as e:
+        err.print(f"[red]error:[/red] --runtime {runtime} needs `pip install 'ponder[{runtime}]'`: {e}")
+        raise typer.Exit(2) from e
+    try:
+        mod.run_worker(pipe, brokers, **kw)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
 
 
 @app.command()

@@ -20,10 +20,10 @@ def test_setup_has_exactly_two_commands():
     cmds = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
     assert [c.strip() for c in cmds] == [
         "pip install -e '.[jax]' && ponder demo",
-        "pip install -e '.[test]' && python -m pytest -q",
+        "pip install -e '.[test]' && pip install --no-deps 'faust-streaming>=0.15.3' 'mode-streaming>=0.7.1' && python -m pytest -q",
     ]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "pip install -e '.[test]' && python -m pytest -q" in ci
+    assert "pip install -e '.[test]' && pip install --no-deps 'faust-streaming>=0.15.3' 'mode-streaming>=0.7.1' && python -m pytest -q" in ci
 
 
 def test_readme_pipeline_runs(tmp_path: Path):
