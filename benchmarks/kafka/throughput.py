@@ -14,6 +14,24 @@ Then each peer runs as a subprocess, one after the other:
   recovery snapshots every 2 s;
 * **passthrough**: raw aiokafka consume -> produce, commit per batch (the ceiling).
 
+ponder hosted on the other stream processors (not in the default set; run them with `--peers
+ponder,ponder_faust,ponder_bytewax`): the same `ponder worker ... --runtime faust|bytewax`
+command as the native peer, in this interpreter (the extras `ponder[faust]`, `ponder[bytewax]`
+must be installed in it), same pipeline, workload and event count. Their rows, and the native
+ponder of the same run as their reference, go to `runtimes` in the JSON, so `--merge` can add
+them at a smaller event count without touching the other peers' rows:
+
+* **ponder_faust**: `ponder.runtime.faust` (faust agent, Table on rocksdb://, 1 s commits);
+* **ponder_bytewax**: `ponder.runtime.bytewax` (Bytewax dataflow, SQLite recovery snapshots
+  every 1 s). It joins no consumer group and sends no markers, so its end is the first
+  recovery snapshot whose input offsets reach every partition's end (read from its SQLite
+  recovery store, polled every 0.25 s): the counterpart of a committed offset.
+
+`ponder_edge`, `ponder_faust_edge`, `ponder_bytewax_edge` run the three on `edge_pipeline`
+(iot_monitor whose escalations start at an edge tier: a tiny random JAX checkpoint behind
+`ponder serve-model` on loopback, one server, warmed by an untimed ponder_edge run) over the
+first `--edge-events` events; their rows go to `runtimes.edge`, against ponder_edge.
+
 faust, Quix and Bytewax run the *same per-key logic* as ponder by default (`--logic ponder`:
 ponder's decoder, `KeyLogic.observe` and the reflex decision, imported from this checkout: see
 peer_logic.py), and emit the same decisions; `--logic counter` gives them a per-key counter
@@ -44,6 +62,10 @@ over the keys, and the mean msgpack-encoded KeyState.
     python benchmarks/kafka/throughput.py --events 50000 --keys 1000 --out /tmp/k.json   # smoke
     python benchmarks/kafka/throughput.py --peers ponder --no-restart --profile          # py-spy
     python benchmarks/kafka/throughput.py --peers none --restart   # only the restart measurement
+    python benchmarks/kafka/throughput.py --events 50000 --keys 1000 --no-restart --merge \
+        --peers ponder,ponder_faust,ponder_bytewax      # ponder on faust / Bytewax vs native
+    python benchmarks/kafka/throughput.py --events 10000 --keys 1000 --edge-events 10000 --no-restart \
+        --merge --peers ponder_edge,ponder_faust_edge,ponder_bytewax_edge   # the same, edge tier
 """
 
 from __future__ import annotations
@@ -51,6 +73,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -75,7 +98,19 @@ sys.path.insert(0, str(ROOT))
 
 PEERS = ("ponder", "faust", "quix", "bytewax", "passthrough")
 # extra runs, not in the default set: Bytewax without recovery (state only in memory, not durable)
-EXTRA_PEERS = ("bytewax_memory",)
+EXTRA_PEERS = ("bytewax_memory", "ponder_faust", "ponder_bytewax", "ponder_edge", "ponder_faust_edge",
+               "ponder_bytewax_edge")
+# ponder itself hosted on another stream processor: peer -> `ponder worker --runtime` value
+RUNTIMES = {"ponder_faust": "faust", "ponder_bytewax": "bytewax", "ponder_faust_edge": "faust",
+            "ponder_bytewax_edge": "bytewax"}
+# the same with an edge tier (`edge_pipeline`); ponder_edge is their native reference
+EDGE_PEERS = ("ponder_edge", "ponder_faust_edge", "ponder_bytewax_edge")
+NATIVE_OF_TIER = {"reflex": "ponder", "edge": "ponder_edge"}
+EDGE_ENV = "BENCH_EDGE_URL"
+
+
+def tier_of(peer: str) -> str:
+    return "edge" if peer in EDGE_PEERS else "reflex"
 # pinned per peer; the venv is rebuilt when this list changes
 REQS: dict[str, list[str]] = {
     "faust": ["faust-streaming==0.15.3", "mode-streaming==0.7.1", "aiokafka==0.14.0",
@@ -266,7 +301,11 @@ class Proc:
 
 
 _FIRST = re.compile(r"BENCH first-event (\d+\.\d+)")
-_LOGTS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO ponder\.runtime\.worker: assigned ", re.M)
+# records flow from here: the native worker's "assigned" line (logged by runtime.worker or
+# runtime.checkpoint), ponder-on-faust's end of table recovery, ponder-on-Bytewax's flow start
+_LOGTS = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]? (?:INFO ponder\.runtime\.\w+: assigned |"
+                    r"\[\d+\] \[INFO\] \[\^-*Recovery\]: Resuming flow|"
+                    r"INFO ponder\.runtime\.bytewax: bytewax worker for pipeline .* started)", re.M)
 
 
 def first_event_time(log: Path) -> float | None:
@@ -396,11 +435,96 @@ def peer_env(args: argparse.Namespace, brokers: str, names: dict[str, str], stat
     return env
 
 
-def ponder_cmd(brokers: str, names: dict[str, str], state: Path, partitions: int) -> list[str]:
-    return [sys.executable, "-m", "ponder.cli", "worker", "ponder.pipelines.iot_monitor:pipeline",
+def _edge_probe(e: Any) -> bool:
+    t = e.payload.get("temperature")
+    return t is not None and round(t * 100) % 100 == 0
+
+
+def edge_pipeline() -> Any:
+    """iot_monitor with an edge tier that every escalation starts at (min_score 0): a tiny random
+    JAX checkpoint behind `ponder serve-model` at $BENCH_EDGE_URL. A callable, so the worker
+    reads the URL when it loads the pipeline (`throughput:edge_pipeline`). Overheating is rare
+    early in the fleet's run, so the gate also flags about one reading in a hundred: the model
+    gets work at a small event count."""
+    from dataclasses import replace
+
+    from ponder.operators.gate import GatePolicy, Rule
+    from ponder.operators.route import TierSpec
+    from ponder.pipelines.iot_monitor import pipeline
+
+    url = os.environ.get(EDGE_ENV)
+    if not url:
+        msg = f"edge_pipeline needs the model server's URL in ${EDGE_ENV}"
+        raise ValueError(msg)
+    # a breaker that never opens and a long deadline: an answer is never swapped for a reflex one
+    edge = TierSpec("edge", engine=url, model="edge", local=True, max_batch=8, max_wait_ms=5.0,
+                    max_concurrency=2, timeout_s=300.0, failures=1_000_000, cooloff_s=0.0)
+    gate = GatePolicy(seasons=(), cooldown=1, quiet=1,
+                      rules=(*pipeline.gate.rules, Rule("probe", _edge_probe, field="temperature")))
+    return replace(pipeline, name="iot_monitor_edge", gate=gate, tiers=(*pipeline.tiers, edge))
+
+
+def edge_server(run_dir: Path) -> Any:
+    """A tiny random JAX checkpoint served by `ponder serve-model` on loopback, for the edge peers
+    (one warm model for all of them); a context manager that stops it."""
+    from ponder.demo import ServedModel
+    from ponder.inference.jax.checkpoint import init_model
+
+    init_model(run_dir / "edge", "tiny", seed=0)
+    return ServedModel(run_dir / "edge", run_dir / "edge-server.log", max_batch=8)
+
+
+def ponder_cmd(brokers: str, names: dict[str, str], state: Path, partitions: int,
+               runtime: str = "native", edge: bool = False) -> list[str]:
+    pipeline = "throughput:edge_pipeline" if edge else "ponder.pipelines.iot_monitor:pipeline"
+    return [sys.executable, "-m", "ponder.cli", "worker", pipeline,
             "--brokers", brokers, "--group", names["group"], "--state-dir", str(state),
             "--input-topic", names["in"], "--output-topic", names["out"],
-            "--dead-letter-topic", names["dead"], "--partitions", str(partitions), *WORKER_FLAGS]
+            "--dead-letter-topic", names["dead"], "--partitions", str(partitions), *WORKER_FLAGS,
+            "--runtime", runtime]
+
+
+def bytewax_snapshot_offsets(recovery: Path, topic: str) -> dict[int, int]:
+    """Per input partition, the highest offset in the Bytewax recovery store's snapshots of
+    `topic` (KafkaSource keys its partitions "P-TOPIC"; a snapshot is the next offset to read)."""
+    import pickle
+    import sqlite3
+
+    out: dict[int, int] = {}
+    for db in recovery.glob("part-*.sqlite3"):
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = con.execute("SELECT state_key, ser_change FROM snaps WHERE state_key LIKE ?",
+                               (f"%-{topic}",)).fetchall()
+        except sqlite3.Error:
+            rows = []  # locked or not created yet: next poll
+        finally:
+            con.close()
+        for key, blob in rows:
+            part, _, t = key.partition("-")
+            if t != topic or not part.isdigit() or blob is None:
+                continue
+            off = pickle.loads(blob)  # Bytewax pickles snapshots; this run's own store
+            if isinstance(off, int):
+                out[int(part)] = max(out.get(int(part), 0), off)
+    return out
+
+
+async def wait_snapshots(proc: Proc, recovery: Path, topic: str, ends: dict[int, int], timeout_s: float,
+                         poll_s: float = 0.25) -> tuple[float | None, int, str | None]:
+    """Poll ponder-on-Bytewax's recovery snapshots until their input offsets reach `ends`."""
+    parts = [p for p, e in ends.items() if e > 0]
+    done = 0
+    deadline = proc.t_start + timeout_s
+    while time.time() < deadline:
+        got = bytewax_snapshot_offsets(recovery, topic)
+        done = sum(min(got.get(p, 0), ends[p]) for p in parts)
+        if all(got.get(p, 0) >= ends[p] for p in parts):
+            return time.time(), done, None
+        if not proc.alive():
+            return None, done, f"exited with code {proc.p.returncode}: {proc.tail()}"
+        await asyncio.sleep(poll_s)
+    return None, done, f"timed out after {timeout_s:.0f}s with {done} events in snapshots"
 
 
 LOGIC_NOTES = {
@@ -416,9 +540,11 @@ LOGIC_NOTES = {
 def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tuple[bytes, bytes]],
              run_dir: Path, tag: str) -> dict[str, Any]:
     """Publish the input for one peer, run the peer until it has committed it all, stop it."""
-    logic = "ponder" if peer == "ponder" else ("none" if peer == "passthrough" else args.logic)
+    native = peer == "ponder" or peer in RUNTIMES or peer in EDGE_PEERS  # a `ponder worker`
+    logic = ("ponder" if native else
+             "none" if peer == "passthrough" else args.logic)
     res: dict[str, Any] = {"peer": peer, "logic": logic}
-    n_events = args.peer_events.get(peer)
+    n_events = args.peer_events.get(peer, args.edge_events if peer in EDGE_PEERS else None)
     if n_events is not None and n_events < len(records):
         # whole steps of the fleet keep every key's order and the same keys
         records = records[:n_events]
@@ -430,14 +556,14 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
     log = run_dir / peer / "log.txt"
     kind = "bytewax" if peer.startswith("bytewax") else peer
     try:
-        py = None if peer == "ponder" else venv_python(
+        py = None if native else venv_python(
             kind, base_python_for_bytewax() if kind == "bytewax" else sys.executable)
     except Exception as e:  # noqa: BLE001 - a peer that cannot install is reported, not fatal
         res.update(status="error", error=f"virtualenv: {type(e).__name__}: {e}")
         return res
 
     topics = {names["in"]: args.partitions, names["out"]: args.partitions}
-    if peer == "ponder":
+    if native:
         topics[names["dead"]] = args.partitions
     if kind == "bytewax":
         topics[names["done"]] = 1
@@ -453,6 +579,11 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
     stop_sig = signal.SIGTERM
     if peer == "ponder":
         cmd = ponder_cmd(brokers, names, state, args.partitions)
+    elif native:
+        cmd = ponder_cmd(brokers, names, state, args.partitions, RUNTIMES.get(peer, "native"),
+                         edge=peer in EDGE_PEERS)
+        if peer in EDGE_PEERS:
+            env[EDGE_ENV] = args.edge_url
     elif peer == "faust":
         cmd = [str(py), str(PEERS_DIR / "faust_app.py"), "worker", "--without-web", "-l", "warn"]
     elif peer == "quix":
@@ -483,7 +614,10 @@ def run_peer(peer: str, args: argparse.Namespace, brokers: str, records: list[tu
                                      "--nonblocking"], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
     timeout = args.timeout_s
-    if kind == "bytewax":
+    if peer in ("ponder_bytewax", "ponder_bytewax_edge"):  # run_worker keeps its recovery store under STATE/GROUP/bytewax
+        t_done, done_events, err = asyncio.run(wait_snapshots(
+            proc, state / names["group"] / "bytewax", names["in"], ends, timeout))
+    elif kind == "bytewax":
         t_done, _n, err = asyncio.run(wait_markers(proc, brokers, names["done"], sum(e > 0 for e in ends.values()),
                                                    timeout))
         done_events = total if err is None else None
@@ -680,6 +814,20 @@ def table(result: dict[str, Any]) -> str:
         rows.append(f"| {name} | {r['logic']} | {r['events']:,} | {r['seconds']:.2f} | {r['events_per_s']:,.0f} | "
                     f"{r.get('startup_s', '–')} | {r.get('events_per_s_after_startup', 0):,.0f} | "
                     f"{r.get('outputs', 0):,} | {f'{ratio:.2f}×' if ratio else '–'} |")
+    for tier, rt in result.get("runtimes", {}).items():
+        rows += ["", (f"ponder on other stream processors, {tier} tier ({rt['events']:,} events, "
+                      f"{rt['keys']:,} keys, one run at {rt['run_at']}):"), "",
+                 ("| runtime | events | seconds | events/s | startup s | events/s after startup | outputs "
+                  "| × native events/s |"),
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, r in rt["peers"].items():
+            if r.get("status") != "ok":
+                rows.append(f"| {name} | {r.get('events', 0):,} | – | **failed** | – | – | – | – |")
+                continue
+            x = rt.get("vs_native", {}).get(name)
+            rows.append(f"| {name} | {r['events']:,} | {r['seconds']:.2f} | {r['events_per_s']:,.0f} | "
+                        f"{r.get('startup_s', '–')} | {r.get('events_per_s_after_startup', 0):,.0f} | "
+                        f"{r.get('outputs', 0):,} | {f'{x:.2f}' if x else '–'} |")
     rs = result.get("restart")
     if rs and "fill" in rs:
         rows += ["", f"restart with {rs['keys']:,} keys ({rs['events_per_key']} events/key), "
@@ -700,9 +848,12 @@ def table(result: dict[str, Any]) -> str:
 
 def add_notes(result: dict[str, Any]) -> None:
     """Per peer, one `notes` line: what it runs, how it is set up, anything unusual."""
-    for name, r in result.get("peers", {}).items():
+    runtimes = result.get("runtimes", {})
+    hosted = [(n, r) for rt in runtimes.values() for n, r in rt["peers"].items() if n in RUNTIMES or n in EDGE_PEERS]
+    for name, r in [*result.get("peers", {}).items(), *hosted]:
         logic = r.get("logic")
-        what = ("the full iot_monitor pipeline" if name == "ponder" else
+        what = ("iot_monitor with an edge tier (tiny JAX checkpoint, ponder serve-model)" if name in EDGE_PEERS else
+                "the full iot_monitor pipeline" if name == "ponder" or name in RUNTIMES else
                 "no logic (raw bytes re-sent)" if logic == "none" else LOGIC_NOTES.get(logic, logic))
         if name.startswith("bytewax") and logic in LOGIC_NOTES:
             what = what.split("; state =")[0] + "; state = KeyState objects in stateful_map (no per-event encode)"
@@ -711,10 +862,16 @@ def add_notes(result: dict[str, Any]) -> None:
             parts.append(r["notes_size"])
         if name.startswith("bytewax"):
             parts.append("end = per-partition end markers delivered (no group commit to poll)")
+        if name in ("ponder_bytewax", "ponder_bytewax_edge"):
+            parts.append("end = a recovery snapshot holds every partition's end offset (no group commit to poll)")
         same = result.get("same_decisions", {}).get(name)
+        ref = result.get("peers", {}).get("ponder", {})
+        if name in RUNTIMES or name in EDGE_PEERS:
+            rt = runtimes[tier_of(name)]
+            same, ref = rt.get("same_decisions", {}).get(name), rt["peers"].get(NATIVE_OF_TIER[tier_of(name)], {})
         if same is False:
             parts.append(f"wrote {r.get('outputs')} decisions where ponder wrote "
-                         f"{result['peers']['ponder'].get('outputs')}")
+                         f"{ref.get('outputs')}")
         if r.get("status") != "ok":
             parts.append(f"FAILED: {str(r.get('error', ''))[:300]}")
         r["notes"] = "; ".join(p for p in parts if p)
@@ -725,7 +882,7 @@ def parse_peer_events(items: list[str]) -> dict[str, int]:
     for it in items:
         name, _, n = it.partition("=")
         if name not in PEERS + EXTRA_PEERS or not n.isdigit():
-            msg = f"--peer-events wants PEER=N with PEER one of {PEERS}, got {it!r}"
+            msg = f"--peer-events wants PEER=N with PEER one of {PEERS + EXTRA_PEERS}, got {it!r}"
             raise argparse.ArgumentTypeError(msg)
         out[name] = int(n)
     return out
@@ -739,11 +896,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--peers", default=",".join(PEERS),
-                    help=f"comma-separated subset of {','.join(PEERS)}, or 'none'")
+                    help=f"comma-separated subset of {','.join(PEERS)}, or 'none'; also "
+                         f"{','.join(EXTRA_PEERS)} (not in the default set)")
     ap.add_argument("--logic", choices=("ponder", "counter"), default="ponder",
                     help="per-key logic of faust/quix/bytewax (default: ponder's own operators)")
     ap.add_argument("--peer-events", nargs="*", default=[], metavar="PEER=N",
                     help="run PEER on only the first N events (a slow peer)")
+    ap.add_argument("--edge-events", type=int, default=5_000,
+                    help="events per edge-tier peer (ponder_edge, ponder_*_edge; default 5k)")
     ap.add_argument("--timeout-s", type=float, default=1200.0, help="per peer run")
     ap.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure ponder's restart-to-ready time (default on)")
@@ -762,6 +922,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if p not in PEERS + EXTRA_PEERS:
             ap.error(f"unknown peer {p!r}; choose from {PEERS + EXTRA_PEERS}")
     args.profile_file = None
+    args.edge_url = None
 
     run_dir = Path(tempfile.mkdtemp(prefix="ponder-kbench-"))
     code = snapshot_ponder(run_dir)
@@ -806,7 +967,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "memory (not durable: a restart starts from scratch)",
             "passthrough": "aiokafka 0.14.0 consumer group -> producer, flush + commit per fetched "
                            "batch (<= 5000 records)",
+            "ponder_faust": "ponder worker --runtime faust (ponder.runtime.faust): faust agent, KeyState "
+                            "in a Table on rocksdb:// with its changelog, commit every 1 s, session 6 s, "
+                            "in this interpreter",
+            "ponder_bytewax": "ponder worker --runtime bytewax (ponder.runtime.bytewax): KafkaSource -> "
+                              "decode -> stateful observe -> flat_map_batch decide -> Kafka outputs, "
+                              "1 worker, SQLite recovery snapshots every 1 s, in this interpreter",
+            "ponder_edge": "as ponder, pipeline throughput:edge_pipeline (edge tier)",
+            "ponder_faust_edge": "as ponder_faust, pipeline throughput:edge_pipeline (edge tier)",
+            "ponder_bytewax_edge": "as ponder_bytewax, pipeline throughput:edge_pipeline (edge tier)",
         },
+        "edge_tier": ("edge peers: iot_monitor + a gate rule flagging ~1 reading in 100 + an edge tier "
+                      "every escalation starts at: a tiny random "
+                      "JAX checkpoint (ponder init-model --preset tiny --seed 0) behind ponder serve-model "
+                      "on loopback (--max-batch 8), shared by all edge peers and warmed by one untimed "
+                      "ponder_edge run first; tier max_batch 8, max_concurrency 2"),
         "timing": ("seconds: process start -> all input offsets committed (Bytewax: -> end markers "
                    "of all partitions delivered); startup_s: process start -> first event processed "
                    "(ponder: the 'assigned' log line); events_per_s_after_startup = events / "
@@ -816,16 +991,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "run_dir": str(run_dir),
     }
     try:
-        with DevBroker() as broker:
+        with DevBroker() as broker, contextlib.ExitStack() as stack:
             brokers = broker.bootstrap
+            if any(p in EDGE_PEERS for p in peers):
+                args.edge_url = stack.enter_context(edge_server(run_dir)).url
             result["brokers"] = brokers
             if peers:
                 t0 = time.perf_counter()
                 records = make_events(args.keys, args.events, args.seed)
                 say(f"generated {len(records):,} events of {args.keys:,} keys in {time.perf_counter() - t0:.1f}s "
                     f"on broker {brokers}; run dir {run_dir}")
-                result["events"] = len(records)
+                family = [p for p in peers if p in RUNTIMES or p in EDGE_PEERS]  # ponder per runtime
+                # `--merge` with only ponder beside them: that ponder is their reference at this
+                # run's size and stays out of the main table's rows
+                ref_only = bool(args.merge and family and set(peers) - set(family) <= {"ponder"})
+                result["events"] = previous.get("events") if ref_only else len(records)
+                if ref_only:  # the main table's rows keep the size they were run at
+                    result.update({k: previous[k] for k in ("keys", "seed", "partitions") if k in previous})
                 result["peers"] = {}
+                result["runtimes"] = dict(previous.get("runtimes", {}))  # tiers not run now: their last run
+                for tier in {tier_of(p) for p in family}:
+                    n = len(records) if tier == "reflex" else min(len(records), args.edge_events)
+                    result["runtimes"][tier] = {"run_at": result["timestamp"], "events": n, "keys": args.keys,
+                                                "seed": args.seed, "partitions": args.partitions, "peers": {}}
                 if args.merge and previous.get("peers"):
                     # add to (or replace in) the previous run's peers; each keeps its own run_at
                     for r in previous["peers"].values():
@@ -836,11 +1024,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if k in previous:
                             result.setdefault(k, previous[k])
                     result["merged_into"] = previous.get("timestamp")
+                if args.edge_url:
+                    # untimed: the model server compiles each batch and sequence shape on first
+                    # use, which would otherwise fall on whichever edge peer runs first
+                    w = run_peer("ponder_edge", args, brokers, records, run_dir / "edge-warmup", tag + "w")
+                    result["runtimes"]["edge"]["warmup"] = {k: w.get(k) for k in ("status", "seconds", "outputs")}
                 for peer in peers:
                     r = run_peer(peer, args, brokers, records, run_dir, tag)
                     r["run_at"] = result["timestamp"]
                     r["ponder_commit"] = code["commit"]
-                    result["peers"][peer] = r
+                    rt = result["runtimes"].get(tier_of(peer), {})
+                    if rt.get("run_at") == result["timestamp"] and (peer in family or peer == "ponder"):
+                        rt["peers"][peer] = r
+                    if peer not in family and not (ref_only and peer == "ponder"):
+                        result["peers"][peer] = r
                 if args.profile:
                     args.profile_file = run_dir / "ponder-pyspy.txt"
                     r = run_peer("ponder", args, brokers, records, run_dir / "profile", tag + "p")
@@ -850,7 +1047,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.profile_file = None
                 del records
             elif previous.get("peers"):
-                for k in ("peers", "events", "ratios", "targets_met", "ponder_profiled_run"):
+                for k in ("peers", "events", "ratios", "targets_met", "ponder_profiled_run", "runtimes"):
                     if k in previous:
                         result[k] = previous[k]
                 result["throughput_from"] = previous.get("timestamp")
@@ -865,6 +1062,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
+    if "runtimes" not in result and previous.get("runtimes"):
+        result["runtimes"] = previous["runtimes"]  # a run without them keeps their last one
+    for tier, rt in result.get("runtimes", {}).items():
+        native = rt["peers"].get(NATIVE_OF_TIER[tier], {})
+        if rt.get("run_at") == result["timestamp"] and native.get("status") == "ok":
+            # hosted over native events/s, and the same decisions, from this one run
+            ok = {n: r for n, r in rt["peers"].items() if n in RUNTIMES and r.get("status") == "ok"}
+            rt["vs_native"] = {n: round(r["events_per_s"] / native["events_per_s"], 3) for n, r in ok.items()}
+            rt["same_decisions"] = {n: r.get("outputs") == native.get("outputs") for n, r in ok.items()}
     pr = result.get("peers", {})
     pon = pr.get("ponder", {})
     if peers and pon.get("status") == "ok":
