@@ -7,7 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
-from ponder.connectors.kafka import KafkaChangelog, KafkaSink, KafkaSource, ensure_topics
+from ponder.connectors.kafka import KafkaChangelog, KafkaSink, KafkaSource, ensure_keyed_topics
 from ponder.pipelines.pipeline import Pipeline
 from ponder.runtime.tracestore import TraceStore
 from ponder.runtime.worker import RunStats, Worker
@@ -29,14 +29,7 @@ async def build_worker(pipe: Pipeline, brokers: str, *, group: str | None = None
     t_in, t_out, t_dead = input_topic or t_in, output_topic or t_out, dead_letter_topic or t_dead
     group = group or f"ponder-{pipe.name}"
     t_log = f"{group}.{pipe.name}.changelog"
-    counts = await ensure_topics(brokers, {t_in: partitions})
-    n = counts[t_in]
-    counts = await ensure_topics(brokers, {t_out: n, t_dead: n, t_log: n}, compacted=(t_log,))
-    for t in (t_out, t_dead, t_log):
-        if counts[t] < n:
-            msg = (f"topic {t!r} has {counts[t]} partitions but input {t_in!r} has {n}: outputs of "
-                   f"input partition p go to partition p, so it needs at least {n}")
-            raise ValueError(msg)
+    n = await ensure_keyed_topics(brokers, t_in, (t_out, t_dead, t_log), partitions, compacted=(t_log,))
     root = Path(state_dir) / group
 
     def open_store(tp: tuple[str, int]) -> RocksStore:

@@ -35,9 +35,14 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from typing import TYPE_CHECKING
+
 from ponder.inference.engine import Completion, Engine, EngineError, Request
 
-__all__ = ["Batcher", "timed_generate", "with_timings"]
+if TYPE_CHECKING:
+    from ponder.operators.route import TierSpec
+
+__all__ = ["Batcher", "TierCalls", "timed_generate", "with_timings"]
 
 # a request, the future its lane awaits, and when it was submitted (perf_counter)
 _Item = tuple[Request, "asyncio.Future[Completion]", float]
@@ -262,3 +267,39 @@ class Batcher:
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
+
+
+class TierCalls:
+    """How a runtime calls each tier's engine (the native worker, faust and Bytewax alike): a
+    tier with `max_batch` 1 directly, timed and under its deadline; every other through a
+    Batcher that all keys share, so their calls batch together."""
+
+    def __init__(self, tiers: Sequence[TierSpec], engines: Mapping[str, Engine],
+                 weights: Mapping[str, float] | None = None) -> None:
+        self.direct: dict[str, tuple[Engine, float]] = {}
+        self.batchers: dict[str, Batcher] = {}  # tier -> its batcher
+        for spec in tiers:
+            engine = engines[spec.name]
+            if spec.max_batch <= 1:
+                self.direct[spec.name] = (engine, spec.timeout_s)
+            else:
+                self.batchers[spec.name] = Batcher(
+                    engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
+                    max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, weights=weights)
+
+    async def call(self, tier: str, request: Request) -> Completion:
+        direct = self.direct.get(tier)
+        if direct is None:
+            return await self.batchers[tier].submit(request)
+        engine, timeout_s = direct
+        submitted = time.perf_counter()
+        try:
+            out, start, end = await asyncio.wait_for(timed_generate(engine, [request]), timeout_s)
+        except asyncio.TimeoutError:
+            msg = f"engine {engine.name!r} timed out after {timeout_s}s"
+            raise EngineError(msg) from None
+        return with_timings(out[0], start - submitted, end - start)
+
+    async def close(self) -> None:
+        for b in self.batchers.values():
+            await b.close()

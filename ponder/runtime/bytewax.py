@@ -52,7 +52,6 @@ import asyncio
 import logging
 import signal
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Union
@@ -67,12 +66,12 @@ from confluent_kafka import Producer
 
 from ponder.connectors.base import Record
 from ponder.connectors.kafka.sink import dead_letter_id, shrink
-from ponder.inference.engine import Completion, EngineError, Request
+from ponder.inference.engine import Completion, Request
 from ponder.operators.context import ContextState
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyState
 from ponder.pipelines.pipeline import Pipeline
-from ponder.runtime.batcher import Batcher, timed_generate, with_timings
+from ponder.runtime.batcher import Batcher, TierCalls
 from ponder.types import DEFAULT_TENANT, DeadLetter, Decision, Event, SourcePos
 
 __all__ = ["Ponder", "KafkaOutputs", "reason", "dataflow", "run_worker"]
@@ -135,7 +134,7 @@ class Ponder:
         self.logic, self.decoder, self.engines = pipe.build(engines=engines)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
-        self._direct: dict[str, tuple] = {}
+        self._tiers: TierCalls | None = None  # made on the process's event loop, at the first batch
         self.batchers: dict[str, Batcher] = {}  # tier -> its batcher (tiers with max_batch > 1)
 
     # -- the steps --------------------------------------------------------------------------
@@ -186,28 +185,11 @@ class Ponder:
     async def _start(self) -> None:
         for e in self.engines.values():
             await e.start()
-        for spec in self.pipe.tiers:
-            engine = self.engines[spec.name]
-            if spec.max_batch <= 1:
-                self._direct[spec.name] = (engine, spec.timeout_s)
-            else:
-                self.batchers[spec.name] = Batcher(
-                    engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
-                    max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
-                    weights=self.pipe.tenant_weights)
+        self._tiers = TierCalls(self.pipe.tiers, self.engines, self.pipe.tenant_weights)
+        self.batchers = self._tiers.batchers
 
     async def _call(self, tier: str, request: Request) -> Completion:
-        direct = self._direct.get(tier)
-        if direct is not None:
-            engine, timeout_s = direct
-            submitted = time.perf_counter()
-            try:
-                out, start, end = await asyncio.wait_for(timed_generate(engine, [request]), timeout_s)
-            except asyncio.TimeoutError:
-                msg = f"engine {engine.name!r} timed out after {timeout_s}s"
-                raise EngineError(msg) from None
-            return with_timings(out[0], start - submitted, end - start)
-        return await self.batchers[tier].submit(request)
+        return await self._tiers.call(tier, request)
 
     def close(self) -> None:
         if self._loop is None:
@@ -215,8 +197,8 @@ class Ponder:
         loop, self._loop = self._loop, None
 
         async def stop() -> None:
-            for b in self.batchers.values():
-                await b.close()
+            if self._tiers is not None:
+                await self._tiers.close()
             for e in self.engines.values():
                 try:
                     await asyncio.wait_for(e.stop(), 15.0)
@@ -365,7 +347,7 @@ def run_worker(pipe: Pipeline, brokers: str, *, group: str | None = None, state_
     from bytewax.recovery import RecoveryConfig, init_db_dir
     from bytewax.run import cli_main
 
-    from ponder.connectors.kafka import ensure_topics
+    from ponder.connectors.kafka import ensure_keyed_topics
 
     del session_timeout_ms
     t_in, t_out, t_dead = pipe.topics
@@ -373,13 +355,7 @@ def run_worker(pipe: Pipeline, brokers: str, *, group: str | None = None, state_
     group = group or f"ponder-{pipe.name}"
 
     async def topics() -> None:
-        n = (await ensure_topics(brokers, {t_in: partitions}))[t_in]
-        counts = await ensure_topics(brokers, {t_out: n, t_dead: n})
-        for t in (t_out, t_dead):
-            if counts[t] < n:
-                msg = (f"topic {t!r} has {counts[t]} partitions but input {t_in!r} has {n}: outputs of "
-                       f"input partition p go to partition p, so it needs at least {n}")
-                raise ValueError(msg)
+        await ensure_keyed_topics(brokers, t_in, (t_out, t_dead), partitions)
 
     stopping = threading.Event()
 

@@ -67,7 +67,6 @@ import logging
 import os
 import signal
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
@@ -81,11 +80,11 @@ from faust.worker import Worker as FaustWorker
 
 from ponder.connectors.base import Record
 from ponder.connectors.kafka.sink import KafkaSink
-from ponder.inference.engine import Completion, Engine, EngineError, Request
+from ponder.inference.engine import Completion, Engine, Request
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyState
 from ponder.pipelines.pipeline import Pipeline
-from ponder.runtime.batcher import Batcher, timed_generate, with_timings
+from ponder.runtime.batcher import TierCalls
 from ponder.types import DeadLetter, Event, SourcePos
 
 __all__ = ["PonderAgent", "attach", "build_app", "run_worker"]
@@ -108,17 +107,8 @@ class PonderAgent:
         self.table = table
         self.sink = sink
         self.max_inflight = max_inflight or pipe.max_inflight
-        self._direct: dict[str, tuple[Engine, float]] = {}
-        self._batchers: dict[str, Batcher] = {}
-        for spec in pipe.tiers:  # as the native worker: max_batch 1 is called directly
-            engine = self.engines[spec.name]
-            if spec.max_batch <= 1:
-                self._direct[spec.name] = (engine, spec.timeout_s)
-            else:
-                self._batchers[spec.name] = Batcher(
-                    engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
-                    max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
-                    weights=pipe.tenant_weights)
+        self._tiers = TierCalls(pipe.tiers, self.engines, pipe.tenant_weights)  # as the native worker
+        self._batchers = self._tiers.batchers
         self._lanes: dict[bytes, tuple[KeyState, deque]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # per input partition: faust events in the order read, and the ids of those finished,
@@ -168,8 +158,7 @@ class PonderAgent:
         closers = [self.sink.stop]
         if final and self._started:
             self._started = False
-            for b in self._batchers.values():
-                await b.close()
+            await self._tiers.close()
             closers.extend(e.stop for e in self.engines.values())
         for close in closers:
             try:
@@ -362,17 +351,7 @@ class PonderAgent:
         event.ack()
 
     async def _call(self, tier: str, request: Request) -> Completion:
-        direct = self._direct.get(tier)
-        if direct is not None:
-            engine, timeout_s = direct
-            submitted = time.perf_counter()
-            try:
-                out, start, end = await asyncio.wait_for(timed_generate(engine, [request]), timeout_s)
-            except TimeoutError:
-                msg = f"engine {engine.name!r} timed out after {timeout_s}s"
-                raise EngineError(msg) from None
-            return with_timings(out[0], start - submitted, end - start)
-        return await self._batchers[tier].submit(request)
+        return await self._tiers.call(tier, request)
 
 
 def _in_event(event: Any, fn: Any, *args: Any) -> Any:
@@ -481,23 +460,12 @@ def run_worker(pipe: Pipeline, brokers: str, *, group: str | None = None, state_
                dead_letter_topic: str | None = None, partitions: int = 16,
                session_timeout_ms: int = 10_000) -> None:
     """Run `pipe` as a faust worker until SIGTERM/SIGINT (then return); raise if it fails."""
-    from ponder.connectors.kafka import ensure_topics
+    from ponder.connectors.kafka import ensure_keyed_topics
 
     t_in, t_out, t_dead = pipe.topics
     t_in, t_out, t_dead = input_topic or t_in, output_topic or t_out, dead_letter_topic or t_dead
     group = group or f"ponder-{pipe.name}"
-
-    async def topics() -> int:
-        n = (await ensure_topics(brokers, {t_in: partitions}))[t_in]
-        counts = await ensure_topics(brokers, {t_out: n, t_dead: n})
-        for t in (t_out, t_dead):
-            if counts[t] < n:
-                msg = (f"topic {t!r} has {counts[t]} partitions but input {t_in!r} has {n}: outputs of "
-                       f"input partition p go to partition p, so it needs at least {n}")
-                raise ValueError(msg)
-        return n
-
-    n = asyncio.run(topics())
+    n = asyncio.run(ensure_keyed_topics(brokers, t_in, (t_out, t_dead), partitions))
     asyncio.set_event_loop(asyncio.new_event_loop())  # faust takes the current loop; asyncio.run closed its own
     app = build_app(pipe, brokers, group=group, state_dir=state_dir, partitions=n,
                     session_timeout_ms=session_timeout_ms)

@@ -37,11 +37,11 @@ import msgspec
 
 from ponder.connectors.base import CommittingSource, Record, Sink, Source
 from ponder.inference.egress import Egress
-from ponder.inference.engine import Completion, Engine, EngineError, Request
+from ponder.inference.engine import Completion, Engine, Request
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyLogic
 from ponder.operators.route import TierSpec
-from ponder.runtime.batcher import Batcher, timed_generate, with_timings
+from ponder.runtime.batcher import TierCalls
 from ponder.runtime.checkpoint import Partitions
 from ponder.runtime.decode import Decoder
 from ponder.runtime.ledger import write_ledger
@@ -142,18 +142,10 @@ class Worker:
         self._stopping = False
         self._failure: BaseException | None = None
         self._failure_msg = ""
-        self._direct: dict[str, tuple[Engine, float]] = {}
-        self._batchers: dict[str, Batcher] = {}
         if isinstance(source, CommittingSource):
             source.bind(self)
-        for spec in tiers:
-            engine = self.engines[spec.name]
-            if spec.max_batch <= 1:
-                self._direct[spec.name] = (engine, spec.timeout_s)
-            else:
-                self._batchers[spec.name] = Batcher(
-                    engine, max_batch=spec.max_batch, max_wait_s=spec.max_wait_ms / 1000.0,
-                    max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, weights=tenant_weights)
+        self._tiers = TierCalls(tiers, self.engines, tenant_weights)
+        self._batchers = self._tiers.batchers  # what the metrics read
         # traces of escalated events, when the environment configures an exporter (else None,
         # and the event path takes no clock reading for them)
         self.tracing = from_env(tiers, self.engines, pipeline=name,
@@ -250,8 +242,7 @@ class Worker:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for b in self._batchers.values():
-            await b.close()
+        await self._tiers.close()
         # outputs first, then the group: once we leave, our partitions' new owner reads their
         # outputs, and nothing of ours may land after that
         closers = [self.sink.stop]
@@ -439,17 +430,7 @@ class Worker:
         self.tracing.record(ev, verdict, stamps, (began, decided), _now(), d)
 
     async def _call(self, tier: str, request: Request) -> Completion:
-        direct = self._direct.get(tier)
-        if direct is not None:
-            engine, timeout_s = direct
-            submitted = time.perf_counter()
-            try:
-                out, start, end = await asyncio.wait_for(timed_generate(engine, [request]), timeout_s)
-            except asyncio.TimeoutError:
-                msg = f"engine {engine.name!r} timed out after {timeout_s}s"
-                raise EngineError(msg) from None
-            return with_timings(out[0], start - submitted, end - start)
-        return await self._batchers[tier].submit(request)
+        return await self._tiers.call(tier, request)
 
     def _emit(self, d: Decision) -> None:
         self.sink.write(d)

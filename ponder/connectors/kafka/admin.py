@@ -7,7 +7,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-__all__ = ["ensure_topics", "partition_count"]
+__all__ = ["ensure_keyed_topics", "ensure_topics", "partition_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +48,19 @@ async def partition_count(brokers: str, topic: str) -> int:
         return len(described[0]["partitions"]) if described else 0
     finally:
         await admin.close()
+
+
+async def ensure_keyed_topics(brokers: str, source: str, outputs: tuple[str, ...], partitions: int, *,
+                              compacted: tuple[str, ...] = ()) -> int:
+    """Create a keyed pipeline's topics: the source with `partitions` if missing, each output
+    (decisions, dead letters, a changelog) with as many as the source has. Return the source's
+    count; raise ValueError for an existing output with fewer, since the outputs of source
+    partition p go to partition p."""
+    n = (await ensure_topics(brokers, {source: partitions}))[source]
+    counts = await ensure_topics(brokers, dict.fromkeys(outputs, n), compacted=compacted)
+    for t in outputs:
+        if counts[t] < n:
+            msg = (f"topic {t!r} has {counts[t]} partitions but input {source!r} has {n}: outputs of "
+                   f"input partition p go to partition p, so it needs at least {n}")
+            raise ValueError(msg)
+    return n
