@@ -9,7 +9,7 @@ The baseline, run on the same data in the same process: an EWMA mean and varianc
 (alpha 0.01, 30 events of warm-up), escalating every event with |x - mean| / sd > 4.
 
 Both are also scored the NAB way (ponder/evaluate/nabscore.py: NAB's own sweeper and the
-runner's arithmetic; equal to `../shared/tools/nab-score` on the same files): standard, low-FP
+runner's arithmetic; equal to Numenta's scorer, numenta/NAB, on the same files): standard, low-FP
 and low-FN profiles, normalised (null detector 0, perfect 100), over the corpus, per group at
 the group's own best threshold, and leave-one-group-out (each group at the threshold that is
 best on the others). The gate's anomaly score is its verdict's surprise (gate.Verdict), the
@@ -222,8 +222,14 @@ def gate_cost(rev: str, devices: int, events_per_device: int, seed: int, rounds:
 def _nab(series: dict[str, Series]) -> dict[str, Any]:
     return {"corpus": {p: {"score": round(s.normalized, 2), "threshold": s.threshold, "fp": s.fp}
                        for p, s in scores(series).items()},
-            "groups": {g: {k: round(v, 4) if isinstance(v, float) and v == v else (None if v != v else v)
-                           for k, v in row.items()} for g, row in group_scores(series).items()}}
+            "groups": {g: {k: _plain(v) for k, v in row.items()} for g, row in group_scores(series).items()}}
+
+
+def _plain(v: Any) -> Any:
+    """A float to 4 places for the JSON file; NaN (a group without windows has no score) as null."""
+    if not isinstance(v, float):
+        return v
+    return None if v != v else round(v, 4)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The in-process NAB score equals Numenta's scorer (`../shared/tools/nab-score`, run on the
+"""The in-process NAB score equals Numenta's scorer (numenta/NAB's `run.py`, run on the
 same results files when these numbers were recorded), and its threshold path is NAB's."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ NAB's runner (numenta/NAB) optimises one threshold per detector and profile over
 corpus, scores each file at it, sums, and normalises so that the null detector scores 0 and a
 perfect one 100. The per-row arithmetic is NAB's own sweeper, copied unchanged
 (`nab_sweeper.py`); this module only does the runner's bookkeeping, without pandas. Its
-results equal `../shared/tools/nab-score` (the scorer itself) on the same results files
+results equal Numenta's scorer (numenta/NAB `run.py`, pandas) on the same results files
 (`tests/test_nab_score.py`).
 
 A threshold can also be given: leave-one-group-out picks it on the other groups and scores the
