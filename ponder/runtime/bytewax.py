@@ -65,21 +65,20 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 from ponder.connectors.base import Record
-from ponder.connectors.kafka.sink import dead_letter_id, shrink
+from ponder.connectors.kafka.sink import dead_letter_record, decision_record
 from ponder.inference.engine import Completion, Request
 from ponder.operators.context import ContextState
 from ponder.operators.gate import Verdict
 from ponder.operators.keyed import KeyState
 from ponder.pipelines.pipeline import Pipeline
 from ponder.runtime.batcher import Batcher, TierCalls
-from ponder.types import DEFAULT_TENANT, DeadLetter, Decision, Event, SourcePos
+from ponder.types import DeadLetter, Decision, Event, SourcePos
 
 __all__ = ["Ponder", "KafkaOutputs", "reason", "dataflow", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
 Output = Union[Decision, DeadLetter]
-_json = msgspec.json.Encoder()  # as connectors/kafka/sink.py encodes decisions and dead letters
 _state_enc = msgspec.msgpack.Encoder()
 _state_dec = msgspec.msgpack.Decoder(KeyState)
 _ctx_dec = msgspec.msgpack.Decoder(ContextState)
@@ -280,24 +279,15 @@ class KafkaOutputs(DynamicSink):
 
     def records(self, item: Output) -> list[tuple[str, int, bytes | None, bytes, list]]:
         if isinstance(item, DeadLetter):
-            lid = dead_letter_id(item)
-            return [(self.dead_topic, item.source.partition, None, _json.encode(item),
-                     [("dead_letter_id", lid.encode()), ("reason", item.reason[:200].encode())])]
+            value, headers = dead_letter_record(item)
+            return [(self.dead_topic, item.source.partition, None, value, headers)]
         d = item
         src = d.source
-        headers = [("decision_id", d.decision_id.encode())]
-        tenant = d.tenant if d.tenant != DEFAULT_TENANT else d.headers.get("tenant")
-        if tenant:
-            headers.append(("tenant", tenant.encode()[:256]))
-        key = d.key.encode()
-        value = _json.encode(d)
-        if len(key) + len(value) > self.max_message_bytes:
-            value = _json.encode(shrink(d))
-            if len(key) + len(value) > self.max_message_bytes:
-                reason = (f"decision {d.decision_id} of {len(key) + len(value)} bytes exceeds the maximum "
-                          f"message size ({self.max_message_bytes} bytes) even with long fields cut")
-                return self.records(DeadLetter(reason, src, value[:2000].decode("utf-8", "replace"),
-                                               stage="sink"))
+        key, value, headers, size = decision_record(d, self.max_message_bytes)
+        if size > self.max_message_bytes:
+            reason = (f"decision {d.decision_id} of {size} bytes exceeds the maximum "
+                      f"message size ({self.max_message_bytes} bytes) even with long fields cut")
+            return self.records(DeadLetter(reason, src, value[:2000].decode("utf-8", "replace"), stage="sink"))
         return [(self.decisions_topic, src.partition if src is not None else 0, key, value, headers)]
 
 

@@ -488,31 +488,3 @@ def run_worker(pipe: Pipeline, brokers: str, *, group: str | None = None, state_
         raise RuntimeError(msg) from agent.ponder._failure
     logger.info("faust worker for %r stopped: events=%d decisions=%d dead_letters=%d replayed=%d", pipe.name,
                 agent.ponder.events, agent.ponder.decisions, agent.ponder.dead_letters, agent.ponder.replayed)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m ponder.runtime.faust PIPELINE BROKERS [--group G] [--state-dir D] ...`: the
-    same as `ponder worker PIPELINE --brokers BROKERS --runtime faust ...`."""
-    import argparse
-
-    from ponder.pipelines.pipeline import load_pipeline
-
-    ap = argparse.ArgumentParser(prog="python -m ponder.runtime.faust")
-    ap.add_argument("pipeline")
-    ap.add_argument("brokers")
-    ap.add_argument("--group")
-    ap.add_argument("--state-dir", type=Path, default=Path("state"))
-    ap.add_argument("--input-topic")
-    ap.add_argument("--output-topic")
-    ap.add_argument("--dead-letter-topic")
-    ap.add_argument("--partitions", type=int, default=16)
-    ap.add_argument("--session-timeout-ms", type=int, default=10_000)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(load_pipeline(a.pipeline), a.brokers, group=a.group, state_dir=a.state_dir,
-               input_topic=a.input_topic, output_topic=a.output_topic, dead_letter_topic=a.dead_letter_topic,
-               partitions=a.partitions, session_timeout_ms=a.session_timeout_ms)
-
-
-if __name__ == "__main__":
-    main()

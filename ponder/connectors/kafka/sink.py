@@ -49,6 +49,32 @@ def dead_letter_id(letter: DeadLetter) -> str:
     return f"{s.topic}:{s.partition}:{s.offset}{epoch}:{letter.stage}"
 
 
+def decision_record(d: Decision, max_message_bytes: int) -> tuple[bytes, bytes, list, int]:
+    """A decision as its Kafka record: (key, value, headers, size). The value is the decision's
+    JSON, shrunk (long fields cut) when key and value pass `max_message_bytes`; `size` over the
+    bound says it does not fit even so."""
+    headers = [("decision_id", d.decision_id.encode())]
+    # the decision's tenant when the pipeline has tenants; else whatever the input said
+    tenant = d.tenant if d.tenant != DEFAULT_TENANT else d.headers.get("tenant")
+    if tenant:
+        headers.append(("tenant", tenant.encode()[:256]))
+    key = d.key.encode()
+    value = _enc.encode(d)
+    if len(key) + len(value) > max_message_bytes:
+        full = len(value)
+        value = _enc.encode(shrink(d))
+        if len(key) + len(value) <= max_message_bytes:
+            logger.warning("decision %s was %d bytes: long fields cut to fit %d", d.decision_id,
+                           len(key) + full, max_message_bytes)
+    return key, value, headers, len(key) + len(value)
+
+
+def dead_letter_record(letter: DeadLetter) -> tuple[bytes, list]:
+    """A dead letter as its Kafka record (unkeyed): (value, headers)."""
+    return _enc.encode(letter), [("dead_letter_id", dead_letter_id(letter).encode()),
+                                 ("reason", letter.reason[:200].encode())]
+
+
 def _cut(v, limit: int = _CUT):
     """Cut every long string inside `v` to `limit` chars plus a marker saying how much went."""
     if isinstance(v, str):
@@ -154,20 +180,10 @@ class KafkaSink:
         part = src.partition if src is not None else 0
         if self._suppressed("decisions", part, decision.decision_id):
             return
-        headers = [("decision_id", decision.decision_id.encode())]
-        # the decision's tenant when the pipeline has tenants; else whatever the input said
-        tenant = decision.tenant if decision.tenant != DEFAULT_TENANT else decision.headers.get("tenant")
-        if tenant:
-            headers.append(("tenant", tenant.encode()[:256]))
-        key = decision.key.encode()
-        value = _enc.encode(decision)
-        if len(key) + len(value) > self.max_message_bytes:
-            value = _enc.encode(shrink(decision))
-            if len(key) + len(value) > self.max_message_bytes:
-                self._too_large(decision.decision_id, decision.source, part, len(key) + len(value), value)
-                return
-            logger.warning("decision %s was %d bytes: long fields cut to fit %d", decision.decision_id,
-                           len(_enc.encode(decision)), self.max_message_bytes)
+        key, value, headers, size = decision_record(decision, self.max_message_bytes)
+        if size > self.max_message_bytes:
+            self._too_large(decision.decision_id, decision.source, part, size, value)
+            return
         self._enqueue("decisions", part, src.offset if src else -1, key, value, headers)
         self.written += 1
 
@@ -184,9 +200,8 @@ class KafkaSink:
         lid = dead_letter_id(letter)
         if self._suppressed("dead", letter.source.partition, lid):
             return
-        self._enqueue("dead", letter.source.partition, letter.source.offset, None,
-                      _enc.encode(letter), [("dead_letter_id", lid.encode()),
-                                            ("reason", letter.reason[:200].encode())])
+        value, headers = dead_letter_record(letter)
+        self._enqueue("dead", letter.source.partition, letter.source.offset, None, value, headers)
         self.dead_letters += 1
 
     def _suppressed(self, kind: str, part: int, ident: str) -> bool:
