@@ -232,7 +232,7 @@ def test_a_long_prompt_joins_a_chunk_per_decode_step(tiny, monkeypatch):
     """A 200-token prompt joining a decoding row is prefilled in 64-token chunks with a decode
     step of the running row between each, not all at once while it waits; both rows equal their
     runs alone."""
-    from ponder.inference.jax import generate as G
+    from ponder.inference.jax import step as G
 
     gen = make(tiny)
     run_p, long_p = ids(10, 90), ids(200, 91)

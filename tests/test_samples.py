@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ponder.cli import app
 from ponder.inference.engine import Request
 from ponder.inference.jax import checkpoint
-from ponder.inference.jax import generate as generate_module
+from ponder.inference.jax import step as step_module
 from ponder.inference.jax.constrain import Constraint
 from ponder.inference.jax.engine import JaxEngine
 from ponder.inference.jax.generate import Generator, GenRequest
@@ -79,13 +79,13 @@ def apart(tiny, req: GenRequest) -> list:
 def test_samples_equal_separate_seeded_calls_and_the_prompt_is_prefilled_once(tiny, temperature, monkeypatch):
     gen = make(tiny)
     prefilled = []
-    chunk = generate_module.prefill_chunk
+    chunk = step_module.prefill_chunk
 
     def counted(params, cfg, tokens, start, n_new, *rest):
         prefilled.append((tokens.shape[0], int(np.sum(n_new))))
         return chunk(params, cfg, tokens, start, n_new, *rest)
 
-    monkeypatch.setattr(generate_module, "prefill_chunk", counted)
+    monkeypatch.setattr(step_module, "prefill_chunk", counted)
     req = GenRequest("k", ids(50, 1), 12, temperature, seed=7, n=4)
     (res,) = gen.generate([req])
     assert prefilled == [(1, 50)]  # one row, the prompt's 50 tokens, once for the four samples

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .kvcache import init_cache, store
 
 __all__ = ["rope_frequencies", "init_cache", "forward", "decoder", "lm_logits", "rms_norm"]
 
@@ -80,18 +81,6 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
         keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
         inv = (inv / np.float32(factor) * (1 - keep) + inv * keep).astype(np.float32)
     return inv, float(scale)
-
-
-def init_cache(cfg: ModelConfig, batch: int, seq_len: int, dtype=jnp.float32):
-    """Zeroed caches: K [L, B, Hkv, D, S] and V [L, B, Hkv, S, D].
-
-    Heads before positions, so each (row, head) is one contiguous block and XLA CPU never
-    transposes the cache inside a layer (5x faster at batch 32 than [L, B, S, Hkv, D]). Within
-    a block K is stored transposed: both attention products then run along contiguous rows
-    (q . K is [T, D] @ [D, S]; probs . V is [T, S] @ [S, D]), and a decode step (T = 1) becomes
-    two vectorised accumulations over rows instead of many tiny matmuls (2x faster at batch 32)."""
-    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    return jnp.zeros((L, batch, H, D, seq_len), dtype), jnp.zeros((L, batch, H, seq_len, D), dtype)
 
 
 def rms_norm(x, w, eps: float):
@@ -153,10 +142,7 @@ def decoder(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
         v = _dense(h, lp["wv"], lp.get("bv")).reshape(B, T, Hkv, D)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-        # advanced indices split by a slice go first: the indexed view is [B, T, Hkv, D], like k
-        k_cache = k_cache.at[i, rows, :, :, pos].set(k, mode="drop")  # [L, B, Hkv, D, S]
-        v_cache = v_cache.at[i, rows, :, pos].set(v, mode="drop")  # [L, B, Hkv, S, D]
-        keys, values = k_cache[i], v_cache[i]  # [B, Hkv, D, S], [B, Hkv, S, D]
+        k_cache, v_cache, keys, values = store(k_cache, v_cache, i, rows, pos, k, v)  # see kvcache
 
         q = q.reshape(B, T, Hkv, G, D)  # query head h uses kv head h // G, as HF's repeat_kv
         if T == 1:  # decode: multiply-accumulate over rows; a dot per (row, head) is far slower

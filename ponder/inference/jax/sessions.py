@@ -8,7 +8,7 @@ Why pages rather than one array per session or one max-length slot per session: 
 allocation whose size is the byte cap, a session costs its length rounded up to a page (not the
 longest context), and moving rows between the pool and a batch is one gather and one scatter
 whose shapes depend only on the batch's (B, S) bucket, so they compile once per bucket. The
-decoder itself runs on contiguous batch caches (`model.init_cache` layouts) gathered from the
+decoder itself runs on contiguous batch caches (laid out by `kvcache`, which owns both layouts) gathered from the
 pages at the start of a round and scattered back at its end (one copy each way per engine call, not per step).
 
 Matching. A prompt reuses the longest common prefix of its tokens and the session's cached
@@ -33,31 +33,25 @@ import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiles import TRACES, counted_jit  # noqa: F401 - re-exported
 from .config import ModelConfig
+from .kvcache import (
+    gather_k,
+    gather_v,
+    read_pages,
+    scatter_k,
+    scatter_row,
+    scatter_v,
+    write_pages,
+)
 
 __all__ = ["SPACE_SEP", "TRACES", "PoolFull", "Session", "SessionPool", "common_prefix", "counted_jit",
            "space_of"]
 
 SPACE_SEP = "\x1f"  # "SPACE\x1fNAME": session NAME of namespace SPACE
-
-# Process-wide count of traces (= compilations) of the engine's jitted functions, by name.
-TRACES: Counter[str] = Counter()
-
-
-def counted_jit(fn, name: str, **jit_kwargs):
-    """`jax.jit(fn)` that adds 1 to TRACES[name] each time it traces a new shape signature."""
-
-    def traced(*args, **kwargs):
-        TRACES[name] += 1
-        return fn(*args, **kwargs)
-
-    traced.__name__ = name
-    return jax.jit(traced, **jit_kwargs)
-
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
@@ -89,65 +83,6 @@ class Session:
     @property
     def where(self) -> str:
         return "host" if self.host is not None else "device"
-
-
-# --- jitted page moves ----------------------------------------------------------------------
-# Pools: K [L, N+1, Hkv, D, P], V [L, N+1, Hkv, P, D] (page index 0 is the scratch page), the
-# decoder's cache layouts cut into pages along S, so a page move copies whole [D, P] / [P, D]
-# blocks and never transposes within one.
-
-
-def _gather_k(pool, table):
-    # table: int32 [B, S/P] -> K [L, B, Hkv, D, S]
-    L, _, H, D, P = pool.shape
-    B, n = table.shape
-    return pool[:, table].transpose(0, 1, 3, 4, 2, 5).reshape(L, B, H, D, n * P)
-
-
-def _gather_v(pool, table):
-    # table: int32 [B, S/P] -> V [L, B, Hkv, S, D]
-    L, _, H, P, D = pool.shape
-    B, n = table.shape
-    return pool[:, table].transpose(0, 1, 3, 2, 4, 5).reshape(L, B, H, n * P, D)
-
-
-def _scatter_k(pool, table, cache):
-    # cache: K [L, B, Hkv, D, S] -> pool with the table's pages overwritten
-    L, B, H, D, S = cache.shape
-    P = pool.shape[-1]
-    return pool.at[:, table].set(cache.reshape(L, B, H, D, S // P, P).transpose(0, 1, 4, 2, 3, 5))
-
-
-def _scatter_v(pool, table, cache):
-    # cache: V [L, B, Hkv, S, D] -> pool with the table's pages overwritten
-    L, B, H, S, D = cache.shape
-    P = pool.shape[-2]
-    return pool.at[:, table].set(cache.reshape(L, B, H, S // P, P, D).transpose(0, 1, 3, 2, 4, 5))
-
-
-def _scatter_row(pool_k, pool_v, pages, k, v, slot):
-    # pages: int32 [S/P] of the row in batch slot `slot` -> both pools with those pages overwritten
-    row_k = jax.lax.dynamic_index_in_dim(k, slot, axis=1)  # [L, 1, Hkv, D, S]
-    row_v = jax.lax.dynamic_index_in_dim(v, slot, axis=1)
-    return _scatter_k(pool_k, pages[None], row_k), _scatter_v(pool_v, pages[None], row_v)
-
-
-def _read(pool, idx):
-    # idx: int32 [n] -> [L, n, ...page]
-    return pool[:, idx]
-
-
-def _write(pool, idx, data):
-    return pool.at[:, idx].set(data)
-
-
-gather_k = counted_jit(_gather_k, "gather")
-gather_v = counted_jit(_gather_v, "gather")
-scatter_k = counted_jit(_scatter_k, "scatter", donate_argnums=0)
-scatter_v = counted_jit(_scatter_v, "scatter", donate_argnums=0)
-scatter_row = counted_jit(_scatter_row, "scatter_row", donate_argnums=(0, 1))
-read_pages = counted_jit(_read, "read_pages")
-write_pages = counted_jit(_write, "write_pages", donate_argnums=0)
 
 
 def _pow2(n: int) -> int:
