@@ -72,13 +72,15 @@ class Generator:
     """Bucketed, batched generation for one model. Not thread-safe: call from one thread.
 
     `device_bytes` caps the session pool (allocated up front), `host_bytes` the sessions spilled
-    to host memory. `prefill_tokens` caps B*T of one prefill chunk (the attention scores of a
+    to host memory, stored as `host_kv` says ("int8", "int4" or "none": see sessions).
+    `prefill_tokens` caps B*T of one prefill chunk (the attention scores of a
     chunk are B*Hq*T*S floats). `eos_ids` stop a row unless its constraint says otherwise.
     """
 
     def __init__(self, cfg: ModelConfig, params, *, n_vocab: int | None = None,
                  eos_ids: Sequence[int] = (), max_batch: int = 32, max_seq_len: int | None = None,
                  device_bytes: int = 256 << 20, host_bytes: int = 1 << 30, page_size: int = 64,
+                 host_kv: str = "int8",
                  batch_buckets: Sequence[int] | None = None,
                  chunk_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
                  seq_buckets: Sequence[int] | None = None, prefill_tokens: int = 2048) -> None:
@@ -89,7 +91,7 @@ class Generator:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         self.pool = SessionPool(cfg, self.dtype, device_bytes=device_bytes, host_bytes=host_bytes,
-                                page_size=page_size)
+                                host_kv=host_kv, page_size=page_size)
         P = page_size
         self.batch_buckets = tuple(sorted(set(batch_buckets or [b for b in (1, 2, 4, 8, 16, 32, 64, 128)
                                                                 if b < max_batch] + [max_batch])))
@@ -258,6 +260,8 @@ class Generator:
         if bad is not None:  # one bad id must not fail the other rows of its batch
             msg = f"request {tag} (session {r.session!r}): token id {bad!r} is not in 0..{vocab - 1}"
             return Row(tag, key, r, finish="error", error=msg)
+        if (why := self._bad_embeds(r)) is not None:
+            return Row(tag, key, r, finish="error", error=f"request {tag} (session {r.session!r}): {why}")
         if r.max_tokens > self.max_seq_len - n:
             r = replace(r, max_tokens=self.max_seq_len - n)
         need = -(-(n + r.max_tokens) // self.pool.page_size) * r.n  # every sample holds its own pages
@@ -269,6 +273,22 @@ class Generator:
             return Row(tag, key, r, finish="error", error=msg)
         seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
         return Row(tag, key, r, seed=seed & SEED_MASK)
+
+    def _bad_embeds(self, r: GenRequest) -> str | None:
+        """Why the request's embeddings cannot run (None: they can): each must cover prompt
+        positions of its own, with [n, hidden_size] features."""
+        taken = np.zeros(len(r.prompt), bool)
+        for e in r.embeds:
+            shape = np.shape(e.features)
+            if len(shape) != 2 or shape[1] != self.cfg.hidden_size or shape[0] < 1:
+                return f"embeddings at {e.start} have shape {shape}, not [n, {self.cfg.hidden_size}]"
+            if not (0 <= e.start and e.start + shape[0] <= len(r.prompt)):
+                return (f"embeddings at {e.start}..{e.start + shape[0] - 1} fall outside the prompt of "
+                        f"{len(r.prompt)} tokens")
+            if taken[e.start : e.start + shape[0]].any():
+                return f"embeddings at {e.start} overlap another's positions"
+            taken[e.start : e.start + shape[0]] = True
+        return None
 
     def _pick(self, waiting: deque[Row], live: list[Row]) -> list[Row]:
         """Take the waiting rows that can join now, first come first served: free slots (a

@@ -97,8 +97,9 @@ class SessionPool:
     """
 
     def __init__(self, cfg: ModelConfig, dtype, *, device_bytes: int, host_bytes: int,
-                 page_size: int = 64) -> None:
+                 page_size: int = 64, host_kv: str = "int8") -> None:
         self.cfg, self.dtype, self.page_size = cfg, jnp.dtype(dtype), page_size
+        self.host_kv = host_kv  # how spilled sessions are stored on the host
         self.device_bytes, self.host_bytes = device_bytes, host_bytes
         L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.page_bytes = 2 * L * page_size * H * D * self.dtype.itemsize  # K and V
