@@ -6,6 +6,7 @@ Define a Pipeline (what to watch, when to think, what may be done) and run it wi
 
 from ponder.connectors.files import CsvSink, CsvSource, JsonlSink, JsonlSource, NabSource
 from ponder.connectors.memory import MemorySink, MemorySource
+from ponder.images import Image, ImagePolicy
 from ponder.inference.reflex import ReflexEngine, ReflexRule
 from ponder.operators.budget import Budget
 from ponder.operators.context import ContextPolicy
@@ -21,6 +22,6 @@ __all__ = [
     "Pipeline", "load_pipeline", "ContextPolicy", "GatePolicy", "Rule", "TierSpec", "Price", "Budget", "Vote", "Privacy", "Policy",
     "FieldRule", "ReflexRule",
     "ReflexEngine", "JsonlSource", "JsonlSink", "CsvSource", "CsvSink", "NabSource", "MemorySource",
-    "MemorySink", "Event", "Decision", "DeadLetter", "SourcePos", "Usage",
+    "MemorySink", "Event", "Image", "ImagePolicy", "Decision", "DeadLetter", "SourcePos", "Usage",
 ]
 __version__ = "0.1.0"

@@ -129,13 +129,15 @@ def simulate(
     incident_rate: float = typer.Option(0.35, help="fraction of devices with an incident"),
     tenants: int = typer.Option(0, help="split the devices between N tenants (acme, globex, ...); "
                                         "events then carry a `tenant` field"),
+    camera: bool = typer.Option(False, help="add a camera frame (a PNG data URL in `frame`) to every "
+                                            "event, with labelled camera incidents"),
 ) -> None:
     """Simulate a fleet: DIR/events.jsonl plus DIR/truth.json (injected incidents)."""
     from ponder.simulate import simulate as sim
 
     try:
         s = sim(devices, events_per_device, seed, out_dir, interval_s=interval_s,
-                incident_rate=incident_rate, tenants=tenants)
+                incident_rate=incident_rate, tenants=tenants, camera=camera)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -343,13 +345,14 @@ def publish(
     devices: int = typer.Option(100, help="with --simulate"),
     events_per_device: int = typer.Option(1000, help="with --simulate"),
     seed: int = typer.Option(0, help="with --simulate"),
+    camera: bool = typer.Option(False, help="with --simulate: camera frames in every event"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Publish JSONL events (or a simulated fleet) keyed by KEY_FIELD."""
     from ponder.connectors.kafka.publish import publish_lines, simulated_lines
 
     if simulate_fleet:
-        lines, total = simulated_lines(devices, events_per_device, seed)
+        lines, total = simulated_lines(devices, events_per_device, seed, camera=camera)
     else:
         if file is not None and not file.exists():
             err.print(f"[red]error:[/red] {str(file)!r} does not exist")

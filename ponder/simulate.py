@@ -7,11 +7,22 @@ blocks of whole steps, each sorted on its own, and a million events never sit in
 With `tenants`, the devices are split into that many contiguous blocks, one per tenant (acme,
 globex, ...), and every event names its device's tenant in a `tenant` field; the readings and
 incidents are the same as without.
+
+With `camera`, every event also carries a `frame`: a 64x48 greyscale PNG (a thermal camera's
+view of the device) as a data URL. A device's scene is static, so its frames are byte-identical,
+except during camera incidents (`hot_spot`: a hot blob appears; `object`: a dark object stands
+in view), labelled in the truth on field `frame` like the other incidents; each incident shows
+one frame for its whole span. Camera scenes and incidents draw from their own random stream and
+keep clear of the device's telemetry incidents, so the telemetry and its incidents are exactly
+those of the same fleet without a camera.
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +33,7 @@ import numpy as np
 __all__ = [
     "FIELDS",
     "KINDS",
+    "CAMERA_KINDS",
     "TENANT_NAMES",
     "tenant_names",
     "Incident",
@@ -49,6 +61,10 @@ DURATIONS = {
     "dropout": (30, 120),
 }
 KINDS = tuple(DURATIONS)
+CAMERA_DURATIONS = {"hot_spot": (5, 30), "object": (5, 30)}
+CAMERA_KINDS = tuple(CAMERA_DURATIONS)
+FRAME_SIZE = (64, 48)  # width, height of a camera frame
+_CAMERA_STREAM = 0xCA  # the camera's own random stream: SeedSequence(seed, spawn_key=(_CAMERA_STREAM,))
 TENANT_NAMES = ("acme", "globex", "initech", "umbrella")  # then tenant-4, tenant-5, ...
 
 _SECOND_INCIDENT = 0.15  # chance a device with an incident gets another one
@@ -141,7 +157,7 @@ class Fleet:
 
     def __init__(self, devices: int, events_per_device: int, seed: int, *,
                  interval_s: float = 10.0, incident_rate: float = 0.35,
-                 start_ts: float = 1_764_000_000.0, tenants: int = 0) -> None:
+                 start_ts: float = 1_764_000_000.0, tenants: int = 0, camera: bool = False) -> None:
         _validate(devices, events_per_device, seed, interval_s, incident_rate, start_ts, tenants)
         self.devices = devices
         self.events_per_device = events_per_device
@@ -172,6 +188,9 @@ class Fleet:
         self._decimals = dec.astype(int).tolist()
         self._plans = self._plan(rng)
         self.incidents = self._label(self._plans)
+        self.camera = _Camera(self) if camera else None
+        if self.camera is not None:
+            self.incidents = sorted(self.incidents + self.camera.incidents, key=lambda inc: (inc.start, inc.key))
 
     @property
     def events(self) -> int:
@@ -298,6 +317,11 @@ class Fleet:
                 owner = self._tenant_of
                 for k, ev in zip(flat_dev[order].tolist(), batch):
                     ev["tenant"] = owner[k]
+            if self.camera is not None:
+                frame = self.camera.frame
+                rows = order.tolist()
+                for r, ev in zip(rows, batch):
+                    ev["frame"] = frame(r % d, j0 + r // d)
             for r in np.flatnonzero(faulty).tolist():
                 ev = batch[r]
                 ev["status"] = "sensor_fault"
@@ -326,7 +350,111 @@ class Fleet:
             "incident_rate": self.incident_rate,
             "incidents": [msgspec.structs.asdict(i) for i in self.incidents],
             **extra,
+            **({"camera": True} if self.camera is not None else {}),
         }
+
+
+def png_grey(pixels: np.ndarray) -> bytes:
+    """A greyscale PNG of a (height, width) uint8 array: deterministic bytes, no imaging
+    library needed to simulate."""
+    h, w = pixels.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter type 0 on every row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+class _Camera:
+    """A fleet's camera: per-device scenes, camera incidents, and each event's frame."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        rng = np.random.default_rng(np.random.SeedSequence(fleet.seed, spawn_key=(_CAMERA_STREAM,)))
+        d = fleet.devices
+        # a scene: a level, a gradient, and up to three warm blobs (machinery), per device
+        self._level = rng.uniform(40.0, 90.0, d)
+        self._grad = rng.uniform(-0.4, 0.4, (d, 2))
+        self._blobs = rng.uniform(0.0, 1.0, (d, 3, 4))  # x, y, radius, amplitude, each scaled below
+        self._nblobs = rng.integers(1, 4, d)
+        self._static: dict[int, str] = {}
+        # device -> [(first step, last step, data URL)], planned clear of its telemetry incidents
+        self._plans: dict[int, list[tuple[int, int, str]]] = {}
+        self.incidents: list[Incident] = []
+        epd = fleet.events_per_device
+        warm, last = min(100, epd // 4), epd - 2
+        busy: dict[int, list[tuple[int, int]]] = {}
+        for p in fleet._plans:
+            busy.setdefault(p.dev, []).append((p.first, p.last))
+        hit = (rng.random(d) < fleet.incident_rate).tolist()
+        picks = []
+        for dev in range(d):
+            if not hit[dev]:
+                continue
+            kind = CAMERA_KINDS[int(rng.integers(len(CAMERA_KINDS)))]
+            lo, hi = CAMERA_DURATIONS[kind]
+            n = int(rng.integers(lo, hi + 1))
+            where = rng.uniform(0.0, 1.0, 4)  # position and size of what appears
+            if last - n + 2 <= warm:
+                continue  # a stream too short for one
+            for _attempt in range(8):
+                first = int(rng.integers(warm, last - n + 2))
+                end = first + n - 1
+                if all(end + _GAP < a or first > b + _GAP for a, b in busy.get(dev, ())):
+                    break
+            else:
+                continue  # no free room left on this device
+            picks.append((dev, kind, first, end, where))
+        for dev, kind, first, end, where in picks:
+            url = _data_url(self._incident(dev, kind, where))
+            self._plans.setdefault(dev, []).append((first, end, url))
+        if picks:
+            devs = np.array([p[0] for p in picks] * 2)
+            steps = np.array([p[2] for p in picks] + [p[3] for p in picks])
+            ts = fleet.ts(devs, steps).tolist()
+            self.incidents = [Incident(fleet.keys[dev], kind, "frame", ts[i], ts[len(picks) + i])
+                              for i, (dev, kind, *_rest) in enumerate(picks)]
+
+    def scene(self, dev: int) -> np.ndarray:
+        """The device's static view, as floats (height, width)."""
+        w, h = FRAME_SIZE
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        img = self._level[dev] + self._grad[dev, 0] * (xx - w / 2) + self._grad[dev, 1] * (yy - h / 2)
+        for bx, by, br, ba in self._blobs[dev, : self._nblobs[dev]]:
+            cx, cy, r, amp = bx * w, by * h, 3.0 + 6.0 * br, 20.0 + 40.0 * ba
+            img += amp * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * r * r))
+        return img
+
+    def _incident(self, dev: int, kind: str, where: np.ndarray) -> np.ndarray:
+        w, h = FRAME_SIZE
+        img = self.scene(dev)
+        if kind == "hot_spot":  # far hotter than anything in the scene
+            yy, xx = np.mgrid[0:h, 0:w]
+            cx, cy, r = 8 + where[0] * (w - 16), 8 + where[1] * (h - 16), 2.0 + 2.0 * where[2]
+            img = img + (120.0 + 60.0 * where[3]) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * r * r))
+        else:  # a cold object standing in view
+            ow, oh = 8 + int(where[2] * 8), 6 + int(where[3] * 6)
+            x0, y0 = int(where[0] * (w - ow)), int(where[1] * (h - oh))
+            img = img.copy()
+            img[y0 : y0 + oh, x0 : x0 + ow] = 5.0
+        return img
+
+    def frame(self, dev: int, step: int) -> str:
+        """The data URL of the device's frame at a step."""
+        for first, last, url in self._plans.get(dev, ()):
+            if first <= step <= last:
+                return url
+        url = self._static.get(dev)
+        if url is None:
+            url = self._static[dev] = _data_url(self.scene(dev))
+        return url
+
+
+def _data_url(img: np.ndarray) -> str:
+    pixels = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return "data:image/png;base64," + base64.b64encode(png_grey(pixels)).decode("ascii")
 
 
 def iter_events(devices: int, events_per_device: int, seed: int, **kwargs: Any
@@ -342,10 +470,10 @@ def incidents(devices: int, events_per_device: int, seed: int, **kwargs: Any) ->
 
 def simulate(devices: int, events_per_device: int, seed: int, out_dir: Path, *,
              interval_s: float = 10.0, incident_rate: float = 0.35,
-             start_ts: float = 1_764_000_000.0, tenants: int = 0) -> SimSummary:
+             start_ts: float = 1_764_000_000.0, tenants: int = 0, camera: bool = False) -> SimSummary:
     """Write `events.jsonl` and `truth.json` for a seeded fleet into `out_dir`."""
     fleet = Fleet(devices, events_per_device, seed, interval_s=interval_s,
-                  incident_rate=incident_rate, start_ts=start_ts, tenants=tenants)
+                  incident_rate=incident_rate, start_ts=start_ts, tenants=tenants, camera=camera)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     events_path, truth_path = out / "events.jsonl", out / "truth.json"
@@ -353,7 +481,7 @@ def simulate(devices: int, events_per_device: int, seed: int, out_dir: Path, *,
         for batch in fleet.iter_batches():
             fh.write(_ENCODER.encode_lines(batch))
     truth_path.write_bytes(msgspec.json.format(_ENCODER.encode(fleet.truth()), indent=2) + b"\n")
-    by_kind = dict.fromkeys(KINDS, 0)
+    by_kind = dict.fromkeys(KINDS + (CAMERA_KINDS if camera else ()), 0)
     for inc in fleet.incidents:
         by_kind[inc.kind] += 1
     return SimSummary(events=fleet.events, devices=devices, incidents=len(fleet.incidents),

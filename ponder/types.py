@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ponder.images import Image
+
 __all__ = [
     "SourcePos",
     "Event",
@@ -65,6 +67,9 @@ class Event(msgspec.Struct, frozen=True):
     source: SourcePos
     headers: dict[str, str] = {}
     tenant: str = ""
+    # the event's decoded images (ponder/images.py), one per image field it carried; in
+    # `payload` each such field holds the image's reference (`Image.ref`), never its bytes
+    images: tuple[Image, ...] = ()
 
     @property
     def stream_key(self) -> str:
@@ -134,6 +139,9 @@ class Trace(msgspec.Struct, frozen=True):
     # the reasoner's own work between the calls in `spans`: context render, each route
     # step (with why), each answer's validation (decide)
     stages: list[Span] = []
+    # what became of the triggering event's images at each tier called: "edge: sent frame
+    # (image sha256:…)" or "cloud: withheld frame (…): tier not in images.tiers"
+    images: list[str] = []
 
 
 class Decision(msgspec.Struct, frozen=True):

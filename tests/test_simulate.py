@@ -252,3 +252,52 @@ def test_cli_simulate_with_tenants(tmp_path):
     assert sorted(Counter(e["tenant"] for e in events).items()) == [("acme", 60), ("globex", 60)]
     r = CliRunner().invoke(app, ["simulate", "--devices", "2", "--tenants", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "tenants must be within [0, devices=2]" in " ".join(r.output.split())
+
+
+# -- cameras (Fleet(camera=True)) ----------------------------------------------------------------
+
+
+def test_camera_is_deterministic_and_leaves_the_telemetry_as_it_was():
+    a, b = Fleet(12, 300, 4, camera=True), Fleet(12, 300, 4, camera=True)
+    events = list(a.iter_events())
+    assert events == list(b.iter_events()) and a.truth() == b.truth()
+    assert [e["frame"] for e in Fleet(12, 300, 5, camera=True).iter_events()] != [e["frame"] for e in events]
+    plain = Fleet(12, 300, 4)
+    assert [{k: v for k, v in e.items() if k != "frame"} for e in events] == list(plain.iter_events())
+    assert [i for i in a.incidents if i.field != "frame"] == plain.incidents
+    assert a.truth() == {**plain.truth(), "incidents": a.truth()["incidents"], "camera": True}
+
+
+def test_changed_frames_are_exactly_the_labelled_camera_incidents():
+    from ponder.images import parse_image
+
+    fleet = Fleet(30, 400, 8, camera=True, incident_rate=0.5)
+    cams = [i for i in fleet.incidents if i.field == "frame"]
+    assert cams and {i.kind for i in cams} == {"hot_spot", "object"}
+    frames: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for ev in fleet.iter_events():
+        frames[ev["device_id"]].append((ev["ts"], ev["frame"]))
+    changed, distinct = set(), Counter()
+    for key, seq in frames.items():
+        static = seq[0][1]  # a device's first reading always shows its scene (incidents start after warm-up)
+        odd = {f for _, f in seq if f != static}
+        changed |= {(key, ts) for ts, f in seq if f != static}
+        distinct[key] = len(odd)
+    labelled = {(i.key, ts) for i in cams for ts, _ in frames[i.key] if i.start <= ts <= i.end}
+    assert changed == labelled
+    assert len(changed) == sum(sum(i.start <= ts <= i.end for ts, _ in frames[i.key]) for i in cams)
+    assert distinct == Counter(i.key for i in cams)  # one frame per incident, all its span
+    for i in cams:  # clear of the device's telemetry incidents
+        assert all(o.end < i.start or o.start > i.end for o in fleet.incidents if o.key == i.key and o is not i)
+    img = parse_image(frames[cams[0].key][0][1], field="frame", allowed_dirs=(), max_bytes=10_000)
+    assert (img.mime, img.width, img.height) == ("image/png", 64, 48)
+
+
+def test_simulate_with_camera_counts_its_kinds(tmp_path):
+    summary = simulate(10, 300, 2, tmp_path, incident_rate=1.0, camera=True)
+    truth = msgspec.json.decode(Path(summary.truth_path).read_bytes())
+    counts = Counter(i["kind"] for i in truth["incidents"])
+    assert summary.by_kind == {k: counts.get(k, 0) for k in (*KINDS, "hot_spot", "object")}
+    assert counts["hot_spot"] + counts["object"] > 0 and truth["camera"] is True
+    first = msgspec.json.decode(Path(summary.events_path).read_bytes().splitlines()[0])
+    assert first["frame"].startswith("data:image/png;base64,iVBORw0KGgo")

@@ -16,6 +16,11 @@ servers, the pipeline's build for given instances), so no code path reaches it a
 4. the tenant itself and a vote's sampling seed (derived from the decision id, so from the key)
    are replaced by keyed HMACs too: nothing the engine is handed names the tenant or the key.
 
+5. a request carrying images (ponder/images.py) to a tier the pipeline's image policy keeps
+   them from is refused, unsent (`IMAGES_REFUSED`): the reasoner already leaves them out for
+   such a tier and says so in the trace; this is the guarantee, as for residency. Otherwise
+   images pass as text does: what the privacy policy lets reach a remote tier, it may see.
+
 The HMAC key is the pipeline's privacy key; without one, a random key per process (pseudonyms
 then change when the process restarts, which costs the server's cache, not privacy).
 """
@@ -32,9 +37,10 @@ import msgspec
 from ponder.inference.engine import Completion, Engine, Request
 from ponder.types import Usage
 
-__all__ = ["Egress", "REFUSED"]
+__all__ = ["Egress", "REFUSED", "IMAGES_REFUSED"]
 
 REFUSED = "residency: this key's data is local-only and this tier is remote; not sent"
+IMAGES_REFUSED = "images: this tier may not receive images (the pipeline's images.tiers); not sent"
 _PROCESS_KEY = os.urandom(32)
 
 
@@ -43,13 +49,14 @@ class Egress:
 
     local = False
 
-    def __init__(self, inner: Engine, key: bytes | None = None) -> None:
+    def __init__(self, inner: Engine, key: bytes | None = None, *, images: bool = True) -> None:
         if key is not None and not (isinstance(key, bytes) and key):
             msg = f"Egress key must be non-empty bytes or None, got {type(key).__name__}"
             raise TypeError(msg)
         self.inner, self.key = inner, key or _PROCESS_KEY
         self.name = inner.name
         self.refused = 0
+        self.images = images  # whether requests may carry images through this door
 
     def pseudonym(self, text: str, purpose: str) -> str:
         return hmac.new(self.key, f"{purpose}\x1f{text}".encode("utf-8", "surrogatepass"),
@@ -73,6 +80,10 @@ class Egress:
             if r.local_only:
                 self.refused += 1
                 out[i] = Completion("", Usage(), "", "error", REFUSED)
+                continue
+            if r.images and not self.images:
+                self.refused += 1
+                out[i] = Completion("", Usage(), "", "error", IMAGES_REFUSED)
                 continue
             sent.append(msgspec.structs.replace(
                 r, session=self.pseudonym(r.session, "session"), salt=self.pseudonym(r.tenant, "salt"),

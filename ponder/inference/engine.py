@@ -11,6 +11,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import msgspec
 
+from ponder.images import Image
 from ponder.types import Finding, Usage
 
 __all__ = ["Request", "Completion", "Engine", "EngineError", "answer_token_bound"]
@@ -43,6 +44,10 @@ class Request(msgspec.Struct, frozen=True):
     # a server's prefix-cache namespace (vLLM `cache_salt`): set per tenant at the egress, so
     # one tenant can never hit, time or evict another's cached prefixes
     salt: str = ""
+    # the triggering event's images (ponder/images.py) this tier may see, in field order:
+    # only that event's, never another key's; an engine that reads none ignores them, a
+    # remote one sends them as image parts of the user message (inference/openai.py)
+    images: tuple[Image, ...] = ()
 
     @property
     def prompt(self) -> str:

@@ -17,6 +17,13 @@ the next call's until the key's context compacts, which is what automatic prefix
 
 The session (the stream key) goes in the profile's `session_fields` (`user` by default).
 
+Images. A request's images (its event's camera frames, ponder/images.py) go in chat mode as
+OpenAI content parts of the user message: `[{"type": "text", "text": <data block + tail>},
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}, ...]`, which vLLM
+and llama.cpp's server accept for vision models; the system message, and every request without
+images, is as above. The completions API has no place for them: such a request fails, unsent,
+saying so, rather than reach the model without the images it was built around.
+
 Samples. A request with `n` > 1 (a vote) is sent as one body with `n`, its `temperature` and
 `seed` where the profile says the server answers `n` (the server then prefills the prompt once,
 and usage counts it once); its choices are collected by `index`. Elsewhere it is sent as n
@@ -268,10 +275,10 @@ class OpenAIEngine:
         if self.mode == "chat":
             i = req.prefix.find(DATA_MARKER)
             if i < 0:
-                b["messages"] = [{"role": "user", "content": req.prefix + req.tail}]
+                b["messages"] = [{"role": "user", "content": _content(req.prefix + req.tail, req)}]
             else:
                 b["messages"] = [{"role": "system", "content": req.prefix[:i]},
-                                 {"role": "user", "content": req.prefix[i + 1 :] + req.tail}]
+                                 {"role": "user", "content": _content(req.prefix[i + 1 :] + req.tail, req)}]
         else:
             b["prompt"] = req.prefix + req.tail
         b.update(structured_fields(self.structured, req.schema, p.number_bounds))
@@ -291,6 +298,9 @@ class OpenAIEngine:
 
     async def _one(self, req: Request, deadline: float) -> tuple[Completion, bool]:
         """(completion, unreachable): unreachable means the last attempt could not connect."""
+        if req.images and self.mode != "chat":
+            return self._fail(f"{self.label}: a request with images needs mode='chat' (the completions API "
+                              f"takes no images); not sent", Usage()), False
         if req.n > 1 and not self.profile.n:
             return await self._samples_apart(req, deadline)
         loop = asyncio.get_running_loop()
@@ -542,6 +552,14 @@ class OpenAIEngine:
         self._sent.move_to_end(scope)
         if len(self._sent) > _SENT_KEYS:
             self._sent.popitem(last=False)
+
+
+def _content(text: str, req: Request) -> str | list[dict[str, Any]]:
+    """A user message's content: the text alone, or with the request's images as parts."""
+    if not req.images:
+        return text
+    return [{"type": "text", "text": text},
+            *({"type": "image_url", "image_url": {"url": img.data_url()}} for img in req.images)]
 
 
 def body_enforced(body: dict[str, Any]) -> bool:

@@ -5,6 +5,10 @@ A key's context has a bounded size whatever the stream length:
 * running statistics per numeric field (count, EWMA mean/variance, min/max, last, slope) and
   per categorical field (bounded value counts);
 * the last `window` events as compact text lines;
+* per image field (ponder/images.py), the frame that began the key's current run of unchanged
+  frames: its digest, time and, with `near_identical`, its 64-byte fingerprint (never pixels);
+  a frame's line shows its reference (`image sha256:… 64x48 png`), marked `unchanged since
+  <time>` when it is byte-identical to that frame (or near-identical within `near_identical`);
 * a summary of older history. When the window is full, its older half is folded into one
   summary segment, and the newest segment absorbs its older neighbour while it is as large
   (a binary counter: sizes halve towards the present, and merges touch the young end, so the
@@ -43,6 +47,8 @@ from typing import Any, Callable
 
 import msgspec
 
+from ponder.images import MAX_FIELDS as MAX_IMAGE_FIELDS
+from ponder.images import Image, fingerprint_distance
 from ponder.operators.gate import MAX_NAME
 from ponder.types import Event, Finding
 
@@ -51,6 +57,7 @@ __all__ = [
     "ContextState",
     "FieldStats",
     "Segment",
+    "Frame",
     "Prompt",
     "new_state",
     "update",
@@ -89,6 +96,8 @@ class ContextPolicy:
         quoted string is split) and ends in `…`.
     :param max_value_chars: a string value is cut to this many characters, ending in `…`.
     :param token_budget: rendered prompt must stay under this many (estimated) tokens.
+    :param near_identical: grey levels within which an image field's frame counts as unchanged
+        (ponder/images.py; the pipeline sets it from its image policy); None: byte-identical only.
     """
 
     window: int = 32
@@ -102,8 +111,13 @@ class ContextPolicy:
     token_budget: int = 4096
     instructions: str = "You monitor one stream key. Decide what to do about its latest event."
     count_tokens: Callable[[str], int] = approx_tokens
+    near_identical: int | None = None
 
     def __post_init__(self) -> None:
+        t = self.near_identical
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 255):
+            msg = f"ContextPolicy.near_identical must be None or grey levels in [0, 255], got {t!r}"
+            raise ValueError(msg)
         if self.window < 2:
             msg = f"ContextPolicy.window must be >= 2, got {self.window}"
             raise ValueError(msg)
@@ -204,6 +218,14 @@ class Segment(msgspec.Struct, array_like=True):
                        fields, cats)
 
 
+class Frame(msgspec.Struct, array_like=True):
+    """The frame that began an image field's run of unchanged frames."""
+
+    digest: str  # its sha256, first 16 hex digits
+    since: float  # its event time
+    fingerprint: bytes = b""  # kept only when near-identical frames count as unchanged
+
+
 class ContextState(msgspec.Struct):
     """Everything ponder remembers about one key. Serialisable with msgpack."""
 
@@ -220,6 +242,7 @@ class ContextState(msgspec.Struct):
     newer: Segment | None = None  # aggregate of window[half:]
     summary: list[Segment] = []
     epoch: int = 0  # compactions so far: the prefix changes exactly when this does
+    frames: dict[str, Frame] = {}  # image field -> the frame that began its unchanged run
 
 
 class Prompt(msgspec.Struct, frozen=True):
@@ -374,9 +397,13 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
     seg.n += 1
     if flag:
         seg.flagged += 1
+    frames = _frames(policy, st, event) if event.images else None
     for name, v in event.payload.items():
         if len(name) > MAX_NAME:
             continue  # as the gate: a name this long is not a field anyone tracks
+        if frames and name in frames:  # ponder's own text, never counted as a category
+            parts.append(f"{_name(name)}={_literal(frames[name])}")
+            continue
         if isinstance(v, bool):
             v = str(v).lower()
         if v is None or isinstance(v, (int, float)):
@@ -424,6 +451,33 @@ def update(policy: ContextPolicy, st: ContextState, event: Event, flag: str = ""
     # only a closed older half is folded, so the newest line always stays in the window
     if st.newer is not None and (len(st.window) >= policy.window or st.window_chars >= policy.window_chars):
         _compact(policy, st)
+
+
+def _frames(policy: ContextPolicy, st: ContextState, event: Event) -> dict[str, str]:
+    """Each image field's text for the event's line, its frame memo updated. A field whose
+    payload value is not the image's reference (a privacy rule masked or hashed it) is left to
+    show as the policy made it."""
+    out: dict[str, str] = {}
+    for img in event.images:
+        ref = img.ref
+        if event.payload.get(img.field) != ref:
+            continue
+        memo = st.frames.get(img.field)
+        if memo is not None and _unchanged(policy, memo, img):
+            out[img.field] = f"{ref} unchanged since {_clock(memo.since)}"
+            continue
+        out[img.field] = ref
+        if memo is not None or len(st.frames) < MAX_IMAGE_FIELDS:
+            keep = img.fingerprint if policy.near_identical is not None else b""
+            st.frames[img.field] = Frame(img.digest[:16], event.ts, keep)
+    return out
+
+
+def _unchanged(policy: ContextPolicy, memo: Frame, img: Image) -> bool:
+    if img.digest.startswith(memo.digest):
+        return True
+    t = policy.near_identical
+    return t is not None and fingerprint_distance(img.fingerprint, memo.fingerprint) <= t
 
 
 def _observe(fs: FieldStats, v: float, ts: float, dt: float, alpha: float) -> None:

@@ -70,6 +70,7 @@ from ponder.types import Event, Finding
 __all__ = ["GatePolicy", "GateState", "Rule", "Verdict", "new_state", "observe"]
 
 MAX_FIELDS = 32  # numeric fields, and categorical fields, tracked per key
+FRAMES = 4  # frames an image field remembers: a scene, and a few passing changes
 MAX_VALUES = 32  # distinct values remembered per categorical field
 MAX_REGIMES = 4  # levels remembered per numeric field
 MAX_NAME = 128  # characters of a field name the state keeps: longer fields are not scored
@@ -127,6 +128,8 @@ class GatePolicy:
     stuck_min_change: float = 0.5  # share of steps that change, for a field to "normally vary"
     gap: tuple[float, float] = (6.0, 20.0)  # event interval / typical interval: score 0 .. 1
     new_value: float = 0.7  # score of a categorical value never seen before
+    frame_change: float = 0.7  # score of an image (camera frame) unlike the key's previous one
+    near_identical: int | None = None  # grey levels within which a frame is unlike no other
     dropout: float = 0.6  # score of a numeric field gone missing ...
     max_missing: float = 0.05  # ... when it was missing at most this share of the time
     rules: tuple[Rule, ...] = ()
@@ -168,7 +171,10 @@ class GatePolicy:
         lo_g, hi_g = self.gap
         if not 1.0 < lo_g < hi_g:
             bad(f"gap needs 1 < low < high, got {self.gap}")
-        for name in ("new_value", "dropout", "stuck_min_change", "max_missing"):
+        t = self.near_identical
+        if t is not None and not (isinstance(t, int) and 0 <= t <= 255):
+            bad(f"near_identical must be None or grey levels in [0, 255], got {t!r}")
+        for name in ("new_value", "frame_change", "dropout", "stuck_min_change", "max_missing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(f"{name} must be within [0, 1], got {getattr(self, name)}")
         # a field must last this long before any seasonal profile starts
@@ -245,6 +251,8 @@ class GateState(msgspec.Struct):
     gmax: float = 0.0  # the longest gap lately, in typical intervals (a relaxing max)
     onsets: float = 0.0  # incidents opened lately (each counts 1, forgotten at `decay` per event)
     scale: float = 1.0  # the open incident's share of its score past `open` that is news
+    # image field -> the frames it showed lately: (digest prefix, fingerprint, decaying count)
+    frames: dict[str, list[tuple[str, bytes, float]]] = {}
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -623,8 +631,11 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
     st.n += 1
     learn = not st.open
     only = g.fields
+    skip = _frames(g, st, event.images, findings) if event.images else ()
     for name, v in event.payload.items():
         if only is not None and name not in only:
+            continue
+        if skip and name in skip:  # an image's reference: judged as a frame, not a category
             continue
         if v.__class__ is float or (isinstance(v, (int, float)) and not isinstance(v, bool)):
             if -MAX_ABS <= v <= MAX_ABS:  # False for NaN; exact for an int of any size
@@ -650,6 +661,38 @@ def observe(g: GatePolicy, st: GateState, event: Event) -> Verdict:
             _categorical(g, st, name, "true" if v else "false", findings)
     findings.extend(ruled)
     return _hysteresis(g, st, findings)
+
+
+def _frames(g: GatePolicy, st: GateState, images, out: list[Finding]) -> set[str]:
+    """A finding for each frame unlike every frame its field has shown lately: a categorical
+    field's `new_value`, for images. A field remembers its FRAMES most shown frames (digest
+    prefix, fingerprint, a count that decays like the gate's levels), so a scene coming back
+    after a passing change is not news again, and a new scene stops being news once it stays.
+    Unlike: another image, or with `near_identical` set, one further than that many grey
+    levels from it. The field's first frame only starts its memory. Returns the image fields."""
+    fields = set()
+    for img in images:
+        fields.add(img.field)
+        seen = st.frames.get(img.field)
+        if seen is None:
+            if len(st.frames) < MAX_FIELDS:
+                st.frames[img.field] = [(img.digest[:16], img.fingerprint, 1.0)]
+            continue
+        digest, near = img.digest[:16], g.near_identical
+        hit = next((i for i, (d, fp, _) in enumerate(seen)
+                    if d == digest or (near is not None and img.near(fp, near))), None)
+        seen[:] = [(d, fp, w * (1.0 - g.decay)) for d, fp, w in seen]
+        if hit is None:
+            d = min(img.distance(fp) for _, fp, _ in seen)
+            out.append(Finding("frame_change", img.field, g.frame_change, img.ref, None,
+                               f"frame unlike any lately: up to {d} grey levels from the closest"))
+            if len(seen) >= FRAMES:
+                seen.remove(min(seen, key=lambda f: f[2]))
+            seen.append((digest, img.fingerprint, 1.0))
+        else:
+            d, fp, w = seen[hit]
+            seen[hit] = (d, fp, w + 1.0)
+    return fields
 
 
 def _hysteresis(g: GatePolicy, st: GateState, findings: list[Finding]) -> Verdict:

@@ -13,6 +13,12 @@ What the wire format leaves out (the prompt as sent, each call's raw output and 
 validation) goes to `Reasoner.explaining` when a runtime sets it (a local trace store,
 runtime/tracestore.py): an `Explanation` per decision id, taken by the runtime once the
 decision is out. Unset, nothing is kept and nothing is copied.
+
+Images (ponder/images.py). A request carries its triggering event's images, and no other's, to
+each tier that may see them: not the reflex tier (rules read no pixels), not a tier left out of
+the pipeline's `images.tiers`, and no tier at all for a field the privacy policy changed (its
+reference in the context is masked, hashed or gone, so its pixels are too). The decision's
+`Trace.images` says, per tier called, which were sent and which withheld and why.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from ponder.operators.spend import Spend
 from ponder.operators.gate import Verdict
 from ponder.operators.route import SKIP_RESIDENCY, Router
 from ponder.operators.vote import Tally
+from ponder.images import Image
 from ponder.types import DEFAULT_TENANT, Decision, Event, Span, Trace, Usage, answer_schema, decision_id
 
 __all__ = ["Reasoner", "Call", "Explanation", "Attempt"]
 
 Call = Callable[[str, Request], Awaitable[Completion]]
+_FIELD_RULES = frozenset({"drop", "mask", "hash", "coarsen"})  # privacy field actions that withhold an image
 
 
 class Attempt(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -77,6 +85,8 @@ class Reasoner:
     spend: Spend = field(default_factory=Spend)
     # decision id -> its Explanation, kept only when a runtime sets a dict here (a trace store)
     explaining: dict[str, Explanation] | None = None
+    # tiers a decision's images may go to (the pipeline's `images.tiers`); None: every tier
+    image_tiers: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         self.schema = answer_schema(self.actions)
@@ -90,7 +100,28 @@ class Reasoner:
         spec = self.router.by_name[tier]
         return Request(event.key, p.prefix, p.tail, spec.max_tokens, self.actions, self.schema,
                        tuple(verdict.findings), verdict.score,
-                       decision_id(event.key, event.source), event.tenant or DEFAULT_TENANT, local_only=local)
+                       decision_id(event.key, event.source), event.tenant or DEFAULT_TENANT, local_only=local,
+                       images=self.images_for(event, verdict, tier)[0])
+
+    def images_for(self, event: Event, verdict: Verdict, tier: str) -> tuple[tuple[Image, ...], list[str]]:
+        """The event's images `tier` may see, and a note per image of what became of it."""
+        if not event.images or tier == "reflex":
+            return (), []
+        sent: list[Image] = []
+        notes: list[str] = []
+        changed = verdict.privacy or {}
+        for img in event.images:
+            # a field rule that changes the field keeps its pixels too (PII found in the
+            # reference's text, "pii", is no rule about the image); the note names neither the
+            # field nor the reference, as the policy changed them
+            if changed.get(img.field) in _FIELD_RULES:
+                notes.append(f"{tier}: withheld an image: the privacy policy applies {changed[img.field]} to its field")
+            elif self.image_tiers is not None and tier not in self.image_tiers:
+                notes.append(f"{tier}: withheld {img.field} ({img.ref}): tier not in images.tiers")
+            else:
+                sent.append(img)
+                notes.append(f"{tier}: sent {img.field} ({img.ref})")
+        return tuple(sent), notes
 
     @staticmethod
     def _cost(spec, u: Usage) -> float:
@@ -157,6 +188,7 @@ class Reasoner:
 
         route: list[str] = []
         errors: list[str] = []
+        image_notes: list[str] = []  # per tier called, what became of the event's images
         spans: list[Span] = []
         used = Usage()  # every call's, failed ones too
         predicted = Usage()  # the forecast before each call
@@ -251,6 +283,8 @@ class Reasoner:
         repair = ""  # set to ask the same tier again after an answer its server did not constrain
         try:
             while True:
+                if event.images and tier not in tried:
+                    image_notes.extend(self.images_for(event, verdict, tier)[1])
                 tried.add(tier)
                 route.append(tier)
                 spec = router.by_name[tier]
@@ -347,7 +381,7 @@ class Reasoner:
             trace=Trace(round(verdict.score, 4), verdict.findings[:8], route, spans, errors, skipped,
                         msgspec.structs.replace(predicted, cost_usd=round(predicted.cost_usd, 8))
                         if predicted.prompt_tokens else None,
-                        votes[-1] if votes else None, verdict.privacy or None, stages),
+                        votes[-1] if votes else None, verdict.privacy or None, stages, image_notes),
             headers=event.headers,
         )
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
+from ponder.images import ImagePolicy
 from ponder.inference.engine import Engine
 from ponder.inference.reflex import ReflexRule
 from ponder.inference.egress import Egress
@@ -65,6 +66,10 @@ class Pipeline:
         applied where an event enters its key's context, so no prompt, trace or decision
         carries what it withholds; remote tiers are reached only through the egress
         (inference/egress.py).
+    :param images: which event fields carry images (camera frames) and what an image may be
+        (ponder/images.py): each is decoded and checked, replaced in the payload by a short
+        reference, and sent only with its own event's request, to the tiers `images.tiers`
+        allows; a bad one makes its record a dead letter.
     """
 
     name: str
@@ -87,6 +92,7 @@ class Pipeline:
     budgets: tuple[Budget, ...] = ()
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
     privacy: Privacy | None = None
+    images: ImagePolicy | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,7 +129,26 @@ class Pipeline:
                 if b.usd is not None and t.name != "reflex" and b.covers(b.tenant, t.name) \
                         and t.price is None and not t.cost_per_1k_tokens:
                     bad(f"a USD budget covers tier {t.name!r}, which has no price (price= or cost_per_1k_tokens=)")
+        if self.images is not None:
+            self._validate_images(bad, names)
         answer_schema(self.actions)
+
+    def _validate_images(self, bad: Callable[[str], None], tiers: set[str]) -> None:
+        im = self.images
+        if not isinstance(im, ImagePolicy):
+            bad(f"images must be an ImagePolicy, got {type(im).__name__}")
+        why = im.problem()
+        if why is not None:
+            bad(why)
+        for f in im.fields:
+            if f in (self.key, self.time, self.tenant):
+                bad(f"images.fields names {f!r}, which is the pipeline's key, time or tenant field")
+            if self.schema is not None and f not in getattr(self.schema, "__struct_fields__", ()):
+                # a schema'd payload keeps only the schema's fields: the image would never arrive
+                bad(f"images.fields names {f!r}, which the schema {self.schema.__name__} does not declare")
+        for t in im.tiers or ():
+            if t not in tiers:
+                bad(f"images.tiers names tier {t!r}, not one of {sorted(tiers)}")
 
     @property
     def topics(self) -> tuple[str, str, str]:
@@ -131,17 +156,27 @@ class Pipeline:
                 self.dead_letter_topic or f"{self.name}.dead-letters")
 
     def context_policy(self) -> ContextPolicy:
-        if self.instructions and self.instructions != self.context.instructions:
-            return replace(self.context, instructions=self.instructions)
-        return self.context
+        policy = self.context
+        if self.instructions and self.instructions != policy.instructions:
+            policy = replace(policy, instructions=self.instructions)
+        near = self.images.near_identical if self.images is not None else None
+        if near != policy.near_identical and near is not None:
+            policy = replace(policy, near_identical=near)
+        return policy
 
     def build(self, *, engines: dict[str, Engine] | None = None, clock: Callable[[], float] | None = None,
               budget_slices: int = 1) -> tuple[KeyLogic, Decoder, dict[str, Engine]]:
         """The runnable parts: per-key logic, decoder and one engine per tier."""
         router = Router(self.tiers, clock=clock) if clock else Router(self.tiers)
         policy = self.context_policy()
-        logic = KeyLogic(policy, self.gate, Reasoner(self.actions, policy, router, self.actions[0],
-                                                     budgets=Budgets(self.budgets, slices=budget_slices)),
+        image_tiers = frozenset(self.images.tiers) if self.images is not None and self.images.tiers is not None \
+            else None
+        gate = self.gate
+        if self.images is not None and self.images.near_identical != gate.near_identical:
+            gate = replace(gate, near_identical=self.images.near_identical)
+        logic = KeyLogic(policy, gate, Reasoner(self.actions, policy, router, self.actions[0],
+                                                     budgets=Budgets(self.budgets, slices=budget_slices),
+                                                     image_tiers=image_tiers),
                          self.privacy)
         key = self.privacy.key if self.privacy is not None else None
         built = dict(engines or {})
@@ -154,8 +189,11 @@ class Pipeline:
                     trusted_local=t.is_local, privacy_key=key)
             if not t.is_local and not isinstance(built[t.name], Egress):
                 built[t.name] = Egress(built[t.name], key)  # a given engine for a remote tier: the same door
+            if isinstance(built[t.name], Egress):  # the door also keeps images from a tier not allowed them
+                built[t.name].images = image_tiers is None or t.name in image_tiers
         # the router's clock is monotonic; event times are checked against the wall clock
-        decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s, tenant=self.tenant)
+        decoder = Decoder(self.key, self.time, self.schema, max_skew_s=self.max_skew_s, tenant=self.tenant,
+                          images=self.images)
         return logic, decoder, built
 
     def worker(self, source, sink, *, engines: dict[str, Engine] | None = None, store=None,

@@ -17,6 +17,11 @@ What an Event promises the operators after it, which they rely on rather than ch
   float range are dead letters, like JSON numbers beyond it already are.
 * arrays and objects nest at most `MAX_DEPTH` levels, the record's own object counting as one,
   so nothing downstream (encoding, rendering, the state store) recurses without bound.
+* with an image policy (ponder/images.py), each image field present is a validated image in
+  `images`, and its payload value is the image's reference (`image sha256:… 64x48 png`), so no
+  pixels go further than the request an escalation makes. An image that is refused (not
+  decodable, too large, a path outside the allowed directories, not a string) makes the
+  record a dead letter naming the field and why; a field that is missing or null is no image.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Callable
 import msgspec
 
 from ponder.connectors.base import Record
+from ponder.images import Image, ImagePolicy
 from ponder.types import TENANT_SEP, DeadLetter, Event
 
 __all__ = ["Decoder", "MAX_DEPTH", "MAX_KEY", "MAX_TS"]
@@ -138,11 +144,17 @@ class Decoder:
     :param tenant: payload field holding the tenant, or `header:NAME` for a record header;
         None: one tenant. With tenants the event's key is tenant-scoped (types.Event), and a
         record without a usable tenant is a dead letter: its cost could not be attributed.
+    :param images: which fields carry images and what an image may be (ponder/images.py).
     """
 
     def __init__(self, key: str, time: str | None = "ts", schema: type | None = None,
                  now: Callable[[], float] = time.time, max_skew_s: float | None = 86400.0,
-                 tenant: str | None = None) -> None:
+                 tenant: str | None = None, images: ImagePolicy | None = None) -> None:
+        why = images.problem() if images is not None else None
+        if why is not None:
+            msg = f"Decoder: {why}"
+            raise ValueError(msg)
+        self.images = images
         if max_skew_s is not None and not 0.0 <= max_skew_s < math.inf:
             msg = f"Decoder: max_skew_s must be None or a finite number >= 0, got {max_skew_s!r}"
             raise ValueError(msg)
@@ -211,10 +223,23 @@ class Decoder:
                     msg = f"field {name!r}: integer beyond the float range (±{_FLOAT_MAX:.2g})"
                     raise _Invalid(msg)
                 obj[name] = float(x)
+        images = self._images(obj) if self.images is not None else ()
         if self.tenant is None:
-            return Event(key, ts, obj, rec.source, rec.headers)
+            return Event(key, ts, obj, rec.source, rec.headers, images=images)
         tenant = self._tenant_of(obj, rec)
-        return Event(tenant + TENANT_SEP + key, ts, obj, rec.source, rec.headers, tenant)
+        return Event(tenant + TENANT_SEP + key, ts, obj, rec.source, rec.headers, tenant, images)
+
+    def _images(self, obj: dict[str, Any]) -> tuple[Image, ...]:
+        """Parse the image fields, each replaced in `obj` by its reference."""
+        out = []
+        for name in self.images.fields:
+            v = obj.get(name)
+            if v is None:
+                continue
+            img = self.images.parse(v, name)  # ImageError (a ValueError): the record's dead letter
+            obj[name] = img.ref
+            out.append(img)
+        return tuple(out)
 
     def _tenant_of(self, obj: dict[str, Any], rec: Record) -> str:
         where = f"header {self._tenant_header!r}" if self._tenant_header else f"tenant field {self.tenant!r}"

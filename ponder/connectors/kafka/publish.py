@@ -17,10 +17,11 @@ _dec = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
 
 
-def simulated_lines(devices: int, events_per_device: int, seed: int) -> tuple[Iterator[bytes], int]:
+def simulated_lines(devices: int, events_per_device: int, seed: int, *,
+                    camera: bool = False) -> tuple[Iterator[bytes], int]:
     from ponder.simulate import Fleet
 
-    fleet = Fleet(devices, events_per_device, seed)
+    fleet = Fleet(devices, events_per_device, seed, camera=camera)
     return (_enc.encode(e) for e in fleet.iter_events()), fleet.events
 
 
