@@ -465,7 +465,7 @@ def serve_model(
 @app.command("init-model")
 def init_model(
     out_dir: Path = typer.Argument(..., help="directory to write the checkpoint to"),
-    preset: str = typer.Option("tiny", help="tiny | small | qwen2.5-0.5b-shape"),
+    preset: str = typer.Option("tiny", help="tiny | tiny-vl | small | qwen2.5-0.5b-shape"),
     seed: int = typer.Option(0, help="weights and tokenizer seed"),
     dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 [default: by preset]"),
 ) -> None:

@@ -8,6 +8,9 @@ leading L axis and run with `lax.scan`):
             bq, bk, bv [L, H*D] (Qwen2)  bo [L, E] (Llama attention_bias)
             mlp_norm [L, E]  w_gate, w_up [L, E, F]  w_down [L, F, E]
 
+A LLaVA checkpoint's params also hold `vision` (the tower and projector, see vision.py),
+which the decoder does not read: image features come in as `embeds`.
+
 Which biases exist is read from the params, so `forward` follows whatever was loaded.
 Compute runs in the params' dtype (float32 or bfloat16); RMSNorm statistics, attention
 scores, softmax and the logits are float32.
@@ -101,8 +104,11 @@ def _dense(x, w, b=None):
     return y if b is None else y + b
 
 
-def decoder(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
+def decoder(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache, embeds=None, embed_mask=None):
     """Run the layers; return the final hidden states [B, T, E] (before the last norm) and the caches.
+
+    embeds [B, T, E] with embed_mask bool [B, T]: where the mask is set, the input is that
+    embedding (e.g. an image's projected features), not the token's; None costs nothing.
 
     tokens: int32 [B, T]. Token t of row b sits at position start[b] + t: its K/V are written
     to cache index start[b] + t, and it attends to cache indices <= start[b] + t (and, with a
@@ -165,6 +171,8 @@ def decoder(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
         return (x, k_cache, v_cache, i + 1), None
 
     x = params["embed"][tokens]  # [B, T, E]
+    if embeds is not None:
+        x = jnp.where(embed_mask[..., None], embeds.astype(dtype), x)
     (x, k_cache, v_cache, _), _ = jax.lax.scan(layer, (x, k_cache, v_cache, 0), params["layers"])
     return x, k_cache, v_cache
 
@@ -177,13 +185,14 @@ def lm_logits(params: Params, cfg: ModelConfig, x):
     return jnp.einsum("...e,ev->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache):
+def forward(params: Params, cfg: ModelConfig, tokens, start, k_cache, v_cache, embeds=None, embed_mask=None):
     """tokens: int32 [B, T], start: int32 [B], caches from `init_cache` in the compute dtype
-    -> (logits float32 [B, T, V], k_cache, v_cache). See `decoder` for positions and padding.
+    -> (logits float32 [B, T, V], k_cache, v_cache). See `decoder` for positions, padding and
+    the optional embeds [B, T, E] / embed_mask bool [B, T] that replace token embeddings.
 
     Jit it with cfg static: `jax.jit(forward, static_argnums=1, donate_argnums=(4, 5))`.
     A caller that needs only some positions' logits (e.g. the last prompt token of a long
     prefill) can call `decoder`, gather those rows, then `lm_logits`.
     """
-    x, k_cache, v_cache = decoder(params, cfg, tokens, start, k_cache, v_cache)
+    x, k_cache, v_cache = decoder(params, cfg, tokens, start, k_cache, v_cache, embeds, embed_mask)
     return lm_logits(params, cfg, x), k_cache, v_cache
