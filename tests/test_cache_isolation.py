@@ -167,7 +167,7 @@ def test_a_bad_cache_salt_is_refused_and_bad_keys_never_start_a_server(server, t
 
 def _pool(device_pages: int, host_pages: int) -> SessionPool:
     pool = SessionPool(PRESETS["tiny"], jnp.float32, device_bytes=device_pages * PAGE,
-                       host_bytes=host_pages * PAGE)
+                       host_bytes=host_pages * PAGE, host_kv="none")  # exact pages: the counts below
     assert pool.page_bytes == PAGE and pool.num_pages == device_pages
     return pool
 

@@ -126,8 +126,9 @@ def test_divergence_recomputes_from_the_first_different_token(tiny):
 def test_lru_device_then_host_then_dropped(tiny):
     cfg = tiny[0]
     page = SessionPool(cfg, jnp.float32, device_bytes=1 << 20, host_bytes=0).page_bytes
-    # 4 pages on device (two 2-page sessions), host memory for two spilled sessions, not three
-    gen = make(tiny, device_bytes=4 * page, host_bytes=5 * page)
+    # 4 pages on device (two 2-page sessions), host memory for two spilled sessions, not three;
+    # exact host copies (host_kv="none"), so the restored session's answer is the same to the bit
+    gen = make(tiny, device_bytes=4 * page, host_bytes=5 * page, host_kv="none")
     prompts = {key: ids(70, 10 + i) for i, key in enumerate("abcde")}
     outs = {}
     for key in "abcde":
