@@ -11,7 +11,9 @@ step (`step`). The pieces:
 * `kvcache`: the K/V layouts and every move between pool pages and batch caches;
 * `sessions`: the paged pool of per-key sessions, spilled to host and dropped by LRU;
 * `join`: prefill of joining rows, forks for n > 1 samples, insertion into free slots;
-* `step`: the jitted model calls, the decode step and accepting tokens on the host.
+* `step`: the jitted model calls, the decode step and accepting tokens on the host;
+* `speculate`: draft tokens (prompt lookup, grammar fast-forward) that a decode step verifies
+  several at a time, for greedy rows (`speculate=Speculation()`).
 
 The batch's lifecycle:
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -57,13 +58,14 @@ from . import step
 from .batch import Batch, Join, bucket, held, length_buckets
 from .compiles import TRACES
 from .config import ModelConfig
-from .kvcache import fork_rows, insert_rows, read_pages, write_pages
+from .kvcache import fork_rows, insert_rows
 from .rows import SEED_MASK, GenRequest, GenResult, Row, request_result
 from .sessions import PoolFull, SessionPool
+from .speculate import SpecStats, Speculation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenRequest", "GenResult", "Generator", "bucket", "length_buckets"]
+__all__ = ["GenRequest", "GenResult", "Generator", "Speculation", "bucket", "length_buckets"]
 
 SHRINK_AFTER = 4  # steps a batch stays oversized before it is laid out smaller
 
@@ -83,7 +85,8 @@ class Generator:
                  host_kv: str = "int8",
                  batch_buckets: Sequence[int] | None = None,
                  chunk_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
-                 seq_buckets: Sequence[int] | None = None, prefill_tokens: int = 2048) -> None:
+                 seq_buckets: Sequence[int] | None = None, prefill_tokens: int = 2048,
+                 speculate: Speculation | None = None) -> None:
         self.cfg, self.params = cfg, params
         self.dtype = params["embed"].dtype
         self.n_vocab = min(n_vocab or cfg.vocab_size, cfg.vocab_size)
@@ -101,8 +104,16 @@ class Generator:
             msg = (f"Generator: seq_buckets must be multiples of page_size={P} and batch_buckets "
                    f"must reach max_batch={max_batch}")
             raise ValueError(msg)
+        if self.chunk_buckets[0] > self.seq_buckets[0]:  # a short cache would find no chunk to prefill with
+            msg = (f"Generator: the smallest chunk bucket {self.chunk_buckets[0]} is longer than the "
+                   f"smallest seq bucket {self.seq_buckets[0]}")
+            raise ValueError(msg)
         self.max_seq_len = min(self.max_seq_len, self.seq_buckets[-1])
         self.prefill_tokens = prefill_tokens
+        if speculate is not None and not isinstance(speculate, Speculation):
+            msg = f"Generator: speculate must be a Speculation or None, got {type(speculate).__name__}"
+            raise TypeError(msg)
+        self.speculate, self.spec_stats = speculate, SpecStats()
         self._anon = itertools.count()
 
     @property
@@ -194,7 +205,8 @@ class Generator:
                masked: Sequence[bool] = (False,), page_moves: bool = True, forks: bool = False) -> int:
         """Trace the shapes these sizes round up to (default: every batch bucket, the length
         buckets up to 1024, every chunk bucket that fits) using only the scratch page.
-        `sampling` / `masked` pick the decode variants (True: top-p / a constraint mask);
+        `sampling` / `masked` pick the decode variants (True: top-p / a constraint mask), and
+        with `speculate` those of the verify step at every T each batch bucket allows;
         `page_moves` the spill and restore copies; `forks` the copies that give the samples
         of a request with n > 1 their rows. Returns the number of new traces."""
         before = self.compiles
@@ -218,6 +230,11 @@ class Generator:
                 tok, _ = step.first_token(logits, seeds, zeros, temps, top_ps, mask, **kw)
                 tok, _, _, k, v = step.decode_step(self.params, self.cfg, tok, zeros, k, v, seeds, temps,
                                               top_ps, mask, **kw)
+                for T in self.verify_lens(B):  # speculation's verify steps
+                    tokens = np.zeros((B, T), np.int32)
+                    vmask = None if mask is None else np.ones((B, T, V), bool)
+                    _, _, k, v = step.verify(self.params, self.cfg, tokens, zeros, k, v, seeds, temps,
+                                             top_ps, vmask, **kw)
             for Bn in (b for b in Bs if b <= B):
                 k_new, v_new = pool.gather(np.zeros((Bn, S // pool.page_size), np.int32))
                 k, v = insert_rows(k, v, k_new, v_new, np.full(Bn, B, np.int32))
@@ -225,14 +242,10 @@ class Generator:
                     fork_rows(k_new, v_new, logits[:Bn], np.zeros(B, np.int32))
             pool.scatter_row(table[0], k, v, 0)
             pool.scatter(table, k, v)
-        if page_moves:  # spill and restore: page counts are rounded up to powers of two
-            for e in range(math.ceil(math.log2(pool.num_pages)) + 1):
-                idx = np.zeros(2**e, np.int32)
-                for name in ("k", "v"):  # their page shapes differ
-                    arr = getattr(pool, name)
-                    read_pages(arr, idx)
-                    page = (arr.shape[0], 2**e, *arr.shape[2:])
-                    setattr(pool, name, write_pages(arr, idx, np.zeros(page, pool.dtype)))
+        if page_moves:  # spill and restore, in host_kv's form
+            pool.warm_moves()
+        if self.cfg.vision is not None:  # prefill chunks that carry image embeddings
+            joining.warmup_embeds(self, batch_sizes, seq_lens, chunk_lens)
         jax.block_until_ready(pool.k)
         return self.compiles - before
 
@@ -456,6 +469,11 @@ class Generator:
             if row.finish is None:
                 row.finish, row.error = "error", f"{type(e).__name__}: {e}"
                 answer(row)
+
+    def verify_lens(self, B: int) -> list[int]:
+        """The verify step's T's at batch B (none when speculation is off)."""
+        spec = self.speculate
+        return [] if spec is None else [T for T in spec.buckets if T <= spec.max_len(B)]
 
     def chunks(self, B: int, S: int, chunk_lens: Sequence[int] | None = None) -> list[int]:
         """Chunk lengths usable at batch B and cache length S (B*T <= prefill_tokens, T <= S)."""

@@ -102,6 +102,8 @@ class Row:
     born: float = field(default_factory=time.perf_counter)  # phases (perf_counter s): arrived,
     admitted: float = 0.0  # its prefill began,
     first: float = 0.0  # its first token was chosen
+    spec_rate: float | None = None  # speculation: EMA of its drafts' acceptance (None: none yet)
+    spec_idle: int = 0  # speculation: steps in a row it drafted nothing for a low rate
 
     @property
     def cap(self) -> int:
