@@ -438,6 +438,14 @@ def serve_model(
         None, "--api-key", help="a key callers must send as `Authorization: Bearer KEY` (repeat for several; "
         "default: $PONDER_SERVE_API_KEYS, comma-separated); none: an open server, one cache namespace "
         "per cache_salt"),
+    speculate: bool = typer.Option(True, "--speculate/--no-speculate",
+                                   help="speculative decoding for greedy requests (same answers, fewer steps)"),
+    host_kv: str = typer.Option("int8", help="how KV sessions spilled to host memory are kept: int8 | int4 | none"),
+    near_identical: Optional[int] = typer.Option(
+        None, help="grey levels (0-255) within which a key's frame counts as its last one (reuses its "
+        "features and cached KV) [default: identical frames only]"),
+    frame_cache_mb: int = typer.Option(64, help="memory for cached image features (MiB)"),
+    max_image_mb: int = typer.Option(4, help="largest image a request may send (MiB)"),
 ) -> None:
     """Serve a checkpoint with the JAX engine behind an OpenAI-compatible API."""
     if not (path / "config.json").exists():
@@ -446,7 +454,16 @@ def serve_model(
     if dtype not in ("float32", "bfloat16"):
         err.print(f"[red]error:[/red] --dtype must be float32 or bfloat16, not {dtype!r}")
         raise typer.Exit(2)
+    from ponder.inference.jax.kvcache import HOST_KV
     from ponder.inference.jax.server import Access, serve
+    from ponder.inference.jax.speculate import Speculation
+
+    if host_kv not in HOST_KV:
+        err.print(f"[red]error:[/red] --host-kv must be one of {', '.join(HOST_KV)}, not {host_kv!r}")
+        raise typer.Exit(2)
+    if near_identical is not None and not 0 <= near_identical <= 255:
+        err.print(f"[red]error:[/red] --near-identical must be grey levels in 0..255, not {near_identical}")
+        raise typer.Exit(2)
 
     keys = list(api_key or []) or [k.strip() for k in os.environ.get("PONDER_SERVE_API_KEYS", "").split(",")
                                    if k.strip()]
@@ -459,7 +476,9 @@ def serve_model(
               + (f", {len(keys)} API key(s)" if keys else ", open (no --api-key)"))
     serve(str(path), host=host, port=port, max_wait_ms=max_wait_ms, dtype=dtype, max_batch=max_batch,
           session_cap_bytes=session_cap_mb << 20, host_cap_bytes=host_cap_mb << 20,
-          max_seq_len=max_seq_len, model_name=name, warmup=warmup, api_keys=keys)
+          max_seq_len=max_seq_len, model_name=name, warmup=warmup, api_keys=keys,
+          speculate=Speculation() if speculate else None, host_kv=host_kv, near_identical=near_identical,
+          frame_cache_bytes=frame_cache_mb << 20, max_image_bytes=max_image_mb << 20)
 
 
 @app.command("init-model")

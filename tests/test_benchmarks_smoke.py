@@ -108,3 +108,39 @@ def test_memory_benchmark_runs_both_configurations(tmp_path: Path, monkeypatch) 
         assert r[run]["events"] == 6000 and "keys=3000 " in r[run]["summary"]
         assert r[run]["events_per_s"] > 0 and r[run]["peak_rss_mb"] > 0
     assert r["throughput_ratio"] == round(r["bounded"]["events_per_s"] / r["unbounded"]["events_per_s"], 3)
+
+
+# -- the edge engine's benchmarks at their --quick sizes ---------------------------------------------
+
+
+def test_speculation_quick_is_identical_to_plain_and_compiles_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "speculation.json"
+    assert _load("speculation").main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = [r for rows in data["settings"].values() for r in rows]
+    assert {r["mode"] for r in rows} == {"plain", "fixed", "adaptive", "forced_only"}
+    assert all(r["same_as_plain"] for r in rows if r["mode"] != "plain")
+    assert all(r["recompiles"] == 0 for r in rows)
+    assert any(r["mode"] == "adaptive" and r["tokens_per_step"] > 1 for r in rows)
+
+
+def test_kv_quant_quick_holds_more_sessions_with_the_same_greedy_token(tmp_path: Path) -> None:
+    out = tmp_path / "kv_quant.json"
+    _load("kv_quant").main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for run in data["runs"]:
+        kv = run["host_kv"]
+        assert kv["none"]["max_abs_logit_error"] == 0.0
+        assert all(kv[f]["same_greedy_token"] for f in ("none", "int8", "int4"))
+        assert kv["none"]["sessions_per_gb"] < kv["int8"]["sessions_per_gb"] < kv["int4"]["sessions_per_gb"]
+
+
+def test_camera_frames_quick_encodes_each_distinct_frame_once(tmp_path: Path) -> None:
+    out = tmp_path / "camera_frames.json"
+    _load("camera_frames").main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    clean = data["runs"]["clean"]
+    distinct = data["stream"]["distinct_frames_per_key"]["clean"]
+    assert clean["reencode"]["frames_encoded"] == clean["reencode"]["frames"] == data["stream"]["frames"]
+    assert clean["reuse"]["frames_encoded"] == distinct < data["stream"]["frames"]
+    assert clean["reuse"]["cached_tokens"] == clean["reencode"]["cached_tokens"]

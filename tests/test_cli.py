@@ -115,3 +115,11 @@ def test_serve_model_refuses_a_bad_api_key_before_loading(tmp_path: Path):
     assert r.exit_code == 2
     assert "API key #2 is empty or holds whitespace or control characters" in " ".join(r.output.split())
 
+
+
+def test_serve_model_refuses_bad_engine_options_before_loading(tmp_path: Path):
+    (tmp_path / "config.json").write_text("{}")  # never read: the options are refused first
+    r = runner.invoke(app, ["serve-model", str(tmp_path), "--host-kv", "fp8"])
+    assert r.exit_code == 2 and "--host-kv must be one of int8, int4, none, not 'fp8'" in r.output
+    r = runner.invoke(app, ["serve-model", str(tmp_path), "--near-identical", "300"])
+    assert r.exit_code == 2 and "--near-identical must be grey levels in 0..255, not 300" in r.output

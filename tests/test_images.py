@@ -326,12 +326,14 @@ def test_openai_sends_images_as_content_parts_and_nothing_else_changes():
         out += asyncio.run(_send(srv, [request()]))
     assert [c.error for c in out] == [None, None]
     with_images, without = srv.bodies()
-    text = request().prefix[len(HEAD) + 1:] + request().tail
+    head, tail = request().prefix[len(HEAD) + 1:], request().tail
+    text = head + tail
     assert without["messages"] == [{"role": "system", "content": HEAD}, {"role": "user", "content": text}]
-    assert with_images["messages"][1]["content"] == [
-        {"type": "text", "text": text},
+    assert with_images["messages"][1]["content"] == [  # the frames between the data block and the tail
+        {"type": "text", "text": head},
         {"type": "image_url", "image_url": {"url": url(PNG)}},
         {"type": "image_url", "image_url": {"url": url(encode(scene(), "JPEG"), "image/jpeg")}},
+        {"type": "text", "text": tail},
     ]
     with_images["messages"][1]["content"] = text
     assert with_images == without  # only the user message's content differs

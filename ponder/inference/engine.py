@@ -45,8 +45,9 @@ class Request(msgspec.Struct, frozen=True):
     # one tenant can never hit, time or evict another's cached prefixes
     salt: str = ""
     # the triggering event's images (ponder/images.py) this tier may see, in field order:
-    # only that event's, never another key's; an engine that reads none ignores them, a
-    # remote one sends them as image parts of the user message (inference/openai.py)
+    # only that event's, never another key's. A remote engine sends them as image parts of the
+    # user message (inference/openai.py); JaxEngine on a vision checkpoint encodes them, and on
+    # a text-only one answers with an error (not blind); the reflex tier reads none
     images: tuple[Image, ...] = ()
 
     @property

@@ -18,8 +18,9 @@ the next call's until the key's context compacts, which is what automatic prefix
 The session (the stream key) goes in the profile's `session_fields` (`user` by default).
 
 Images. A request's images (its event's camera frames, ponder/images.py) go in chat mode as
-OpenAI content parts of the user message: `[{"type": "text", "text": <data block + tail>},
-{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}, ...]`, which vLLM
+OpenAI content parts of the user message: `[{"type": "text", "text": <data block>},
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}, ..., {"type": "text",
+"text": <tail>}]` (the images where JaxEngine puts them too), which vLLM
 and llama.cpp's server accept for vision models; the system message, and every request without
 images, is as above. The completions API has no place for them: such a request fails, unsent,
 saying so, rather than reach the model without the images it was built around.
@@ -275,10 +276,10 @@ class OpenAIEngine:
         if self.mode == "chat":
             i = req.prefix.find(DATA_MARKER)
             if i < 0:
-                b["messages"] = [{"role": "user", "content": _content(req.prefix + req.tail, req)}]
+                b["messages"] = [{"role": "user", "content": _content(req.prefix, req)}]
             else:
                 b["messages"] = [{"role": "system", "content": req.prefix[:i]},
-                                 {"role": "user", "content": _content(req.prefix[i + 1 :] + req.tail, req)}]
+                                 {"role": "user", "content": _content(req.prefix[i + 1 :], req)}]
         else:
             b["prompt"] = req.prefix + req.tail
         b.update(structured_fields(self.structured, req.schema, p.number_bounds))
@@ -554,12 +555,15 @@ class OpenAIEngine:
             self._sent.popitem(last=False)
 
 
-def _content(text: str, req: Request) -> str | list[dict[str, Any]]:
-    """A user message's content: the text alone, or with the request's images as parts."""
+def _content(head: str, req: Request) -> str | list[dict[str, Any]]:
+    """A user message's content: its head (the key's data block) and the request's tail, with
+    the request's images as parts between them, where the in-process engine puts them too: an
+    unchanged frame after an unchanged head is then a prefix a server's cache already holds."""
     if not req.images:
-        return text
-    return [{"type": "text", "text": text},
-            *({"type": "image_url", "image_url": {"url": img.data_url()}} for img in req.images)]
+        return head + req.tail
+    parts = [{"type": "text", "text": head}] if head else []
+    parts += [{"type": "image_url", "image_url": {"url": img.data_url()}} for img in req.images]
+    return parts + ([{"type": "text", "text": req.tail}] if req.tail else [])
 
 
 def body_enforced(body: dict[str, Any]) -> bool:

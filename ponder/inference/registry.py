@@ -25,11 +25,13 @@ def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), defaul
                  name: str = "", model: str = "", max_batch: int = 8, max_concurrency: int = 4,
                  timeout_s: float = 30.0, server: str | ServerProfile = "auto",
                  extra_body: Mapping[str, Any] | None = None, stall_s: float | None = None,
-                 retries: int = 2, trusted_local: bool = False, privacy_key: bytes | None = None) -> Engine:
+                 retries: int = 2, trusted_local: bool = False, privacy_key: bytes | None = None,
+                 near_identical: int | None = None) -> Engine:
     """Build the engine a spec names (the keyword arguments are a tier's settings).
 
     * `reflex`: the rule engine;
-    * `jax:PATH`: the checkpoint directory PATH run in process (JaxEngine, chat layout);
+    * `jax:PATH`: the checkpoint directory PATH run in process (JaxEngine, chat layout; a
+      frame within `near_identical` grey levels of its key's last reuses its features);
     * `http://…` / `https://…`: any OpenAI-compatible server (vLLM, llama.cpp, `ponder
       serve-model`), with the tier's `server` profile and `extra_body`; the API key, if any,
       comes from $PONDER_API_KEY. Behind the privacy door (inference/egress.py, keyed by
@@ -49,7 +51,7 @@ def build_engine(spec: str | Engine, *, rules: Sequence[ReflexRule] = (), defaul
         path = spec[len("jax:") :]
         if not path:
             raise ValueError("engine spec 'jax:' needs a checkpoint directory: jax:PATH")
-        return JaxEngine(path, max_batch=max_batch, model_name=model or None)
+        return JaxEngine(path, max_batch=max_batch, model_name=model or None, near_identical=near_identical)
     if spec.startswith(("http://", "https://")):
         from ponder.inference.openai import OpenAIEngine
 

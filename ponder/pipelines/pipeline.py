@@ -186,7 +186,8 @@ class Pipeline:
                     t.engine, rules=self.reflex, default_action=self.actions[0], name=t.name, model=t.model,
                     max_batch=t.max_batch, max_concurrency=t.max_concurrency, timeout_s=t.timeout_s,
                     server=t.server, extra_body=t.extra_body, stall_s=t.stall_s, retries=t.retries,
-                    trusted_local=t.is_local, privacy_key=key)
+                    trusted_local=t.is_local, privacy_key=key,
+                    near_identical=self.images.near_identical if self.images is not None else None)
             if not t.is_local and not isinstance(built[t.name], Egress):
                 built[t.name] = Egress(built[t.name], key)  # a given engine for a remote tier: the same door
             if isinstance(built[t.name], Egress):  # the door also keeps images from a tier not allowed them

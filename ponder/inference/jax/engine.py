@@ -16,6 +16,18 @@ own); its session keeps the prompt and sample 0's continuation. The blocking JAX
 one worker thread, so the event loop stays free. Every request, from `generate` or from the
 server, goes through one `Feed` into the generator's continuous batch: rows of a call that
 arrives while another decodes join it at the next step.
+
+Images. On a LLaVA checkpoint (`cfg.vision`), a Request's `images` are placed between its
+stable prefix and its tail, one image token each (chat: in the user message, after the data
+block and before the tail; completions: `prefix + images + tail`), expanded to the tower's
+`n_tokens` positions that take the image's features (`GenRequest.embeds`). So an unchanged frame
+after an unchanged prefix is a prefix the key's session already holds. Features come from the
+per-key frame cache (frames.py: the same frame again, or with `near_identical` one within that
+many grey levels of the key's last, is not encoded again); the frames it misses are decoded,
+preprocessed and encoded in one tower call on the engine's thread, between decode steps, for
+every request that arrived together. A request with images on a text-only checkpoint is
+answered with an error Completion (the model cannot see them; the reasoner falls back to
+another tier) rather than answered blind.
 """
 
 from __future__ import annotations
@@ -33,9 +45,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ponder.images import Image
 from ponder.inference.engine import Completion, EngineError, Request
 from ponder.inference.openai import DATA_MARKER
 from ponder.types import Usage
+
+from .frames import FrameCache, FrameJob
+from .kvcache import HOST_KV
+from .rows import GenResult
+from .speculate import Speculation
 
 __all__ = ["JaxEngine", "chat_messages"]
 
@@ -47,13 +65,14 @@ _ANSWER_BUDGET = 128
 _MODES = ("chat", "completions")
 
 
-def chat_messages(prefix: str, tail: str) -> list[dict[str, str]]:
-    """The messages OpenAIEngine (chat mode) sends for a request's prefix and tail."""
+def chat_messages(prefix: str, tail: str, images: str = "") -> list[dict[str, str]]:
+    """The messages OpenAIEngine (chat mode) sends for a request's prefix and tail; `images`
+    (their placeholder text) go between the two."""
     i = prefix.find(DATA_MARKER)
     if i < 0:
-        return [{"role": "user", "content": prefix + tail}]
+        return [{"role": "user", "content": prefix + images + tail}]
     return [{"role": "system", "content": prefix[:i]},
-            {"role": "user", "content": prefix[i + 1 :] + tail}]
+            {"role": "user", "content": prefix[i + 1 :] + images + tail}]
 
 
 class Feed:
@@ -63,13 +82,14 @@ class Feed:
 
     def __init__(self, engine: JaxEngine, max_batch: int, max_wait_s: float = 0.0):
         self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
-        self.inbox: deque = deque()  # (id, GenRequest): appended here, drained by the engine
+        self.inbox: deque = deque()  # (id, GenRequest, FrameJob | None): drained by the engine
         self.futures: dict[int, asyncio.Future] = {}
         self.ids = itertools.count()
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.answered: set[int] = set()  # ids whose result is on its way (engine thread adds)
         self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop of the running feed
         self.on_admit: Callable[[int], None] | None = None  # rows that joined together (engine thread)
         self.on_done: Callable[[Any, float], None] | None = None  # (GenResult, seconds since submit)
 
@@ -92,20 +112,21 @@ class Feed:
             except asyncio.CancelledError:
                 pass
         while self.inbox:
-            i, _ = self.inbox.popleft()
+            i, _, _ = self.inbox.popleft()
             fut = self.futures.get(i)
             if fut is not None and not fut.done():
                 fut.set_exception(EngineError("the engine stopped before this request ran"))
 
-    async def submit(self, req):
-        """Run one GenRequest in the continuous batch -> its GenResult."""
+    async def submit(self, req, frames: FrameJob | None = None):
+        """Run one GenRequest in the continuous batch -> its GenResult. `frames`: its images,
+        turned into `req.embeds` on the engine's thread just before it joins."""
         if self.stopping:
             raise EngineError("the engine is stopping")
         if req.cancelled is None:
             req = dataclasses.replace(req, cancelled=threading.Event())
         i, t0 = next(self.ids), time.perf_counter()
         fut = self.futures[i] = asyncio.get_running_loop().create_future()
-        self.inbox.append((i, req))
+        self.inbox.append((i, req, frames))
         self.start()
         self.wake.set()
         try:
@@ -121,10 +142,32 @@ class Feed:
         return res
 
     def _fetch(self) -> list:  # engine thread
-        out = []
+        items = []
         while self.inbox:
-            out.append(self.inbox.popleft())
-        return out
+            items.append(self.inbox.popleft())
+        jobs = [(i, req, job) for i, req, job in items if job is not None]
+        if not jobs:
+            return [(i, req) for i, req, _ in items]
+        embeds = self.engine.frames.embeds([job for _, _, job in jobs], self.engine.prepare_image,
+                                           self.engine.encode_pixels)
+        ready = {}
+        for (i, req, _), got in zip(jobs, embeds):
+            if isinstance(got, str):  # a bad image fails its own request only
+                self._done(i, GenResult(prompt_tokens=len(req.prompt), finish_reason="error", error=got))
+            else:
+                ready[i] = dataclasses.replace(req, embeds=got)
+        return [(i, ready[i] if job is not None else req) for i, req, job in items
+                if job is None or i in ready]
+
+    def _done(self, i: int, res) -> None:  # engine thread
+        self.answered.add(i)
+        # to the loop of the caller waiting for it: a `serve` started from an earlier event
+        # loop (asyncio.run after asyncio.run) may still be running when a later loop's
+        # request arrives, and takes it; its answer must not go to the closed loop
+        fut = self.futures.get(i)
+        target = fut.get_loop() if fut is not None else self.loop
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            target.call_soon_threadsafe(self._resolve, i, res)
 
     def _resolve(self, i: int, res) -> None:
         fut = self.futures.get(i)
@@ -132,18 +175,7 @@ class Feed:
             fut.set_result(res)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def done(i: int, res) -> None:  # engine thread
-            self.answered.add(i)
-            # to the loop of the caller waiting for it: a `serve` started from an earlier event
-            # loop (asyncio.run after asyncio.run) may still be running when a later loop's
-            # request arrives, and takes it; its answer must not go to the closed loop
-            fut = self.futures.get(i)
-            target = fut.get_loop() if fut is not None else loop
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-                target.call_soon_threadsafe(self._resolve, i, res)
-
+        self.loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -152,9 +184,9 @@ class Feed:
             if len(self.inbox) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
             try:
-                await self.engine.run(self.engine.generator.serve, self._fetch, done, self.on_admit)
+                await self.engine.run(self.engine.generator.serve, self._fetch, self._done, self.on_admit)
             except Exception as e:  # noqa: BLE001 - serve answers batch failures itself; this is worse
-                queued = {i for i, _ in self.inbox}
+                queued = {i for i, _, _ in self.inbox}
                 for i, fut in list(self.futures.items()):
                     if i not in queued and i not in self.answered and not fut.done():
                         fut.set_exception(e)
@@ -171,6 +203,11 @@ class JaxEngine:
     :param temperature/top_p/seed: sampling for `generate` (0: greedy).
     :param warmup: trace the usual shapes at start (a dict is passed to Generator.warmup).
     :param max_wait_ms: how long a request that finds the engine idle waits for others.
+    :param near_identical: a LLaVA checkpoint's frames: grey levels within which a key's frame
+        reuses its last frame's features and cached K/V (None: only a byte-identical frame does;
+        see frames.py).
+    :param frame_cache_bytes: host memory for the keys' encoded frames (least recently used
+        dropped first).
     :param generator_kw: more Generator options (buckets, page_size, prefill_tokens, ...).
     """
 
@@ -181,7 +218,8 @@ class JaxEngine:
                  mode: str = "chat", temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, max_seq_len: int | None = None,
                  warmup: bool | dict[str, Any] = False, model_name: str | None = None,
-                 max_wait_ms: float = 0.0, **generator_kw: Any) -> None:
+                 max_wait_ms: float = 0.0, near_identical: int | None = None,
+                 frame_cache_bytes: int = 64 << 20, **generator_kw: Any) -> None:
         if mode not in _MODES or dtype not in ("float32", "bfloat16"):
             msg = f"JaxEngine: mode must be one of {_MODES} and dtype float32 or bfloat16"
             raise ValueError(msg)
@@ -191,8 +229,15 @@ class JaxEngine:
         self.session_cap_bytes, self.host_cap_bytes = session_cap_bytes, host_cap_bytes
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.max_seq_len, self.warmup = max_seq_len, warmup
+        if generator_kw.get("host_kv", "int8") not in HOST_KV:
+            msg = f"JaxEngine: host_kv={generator_kw['host_kv']!r} is not one of {', '.join(map(repr, HOST_KV))}"
+            raise ValueError(msg)
+        # greedy decisions under a schema: speculation gives the same answers in fewer steps
+        generator_kw.setdefault("speculate", Speculation())
         self.generator_kw = generator_kw
+        self.frames = FrameCache(frame_cache_bytes, near_identical)  # ValueError for bad options
         self.cfg = self.tokenizer = self.generator = None
+        self.vision_params = self.image_text = None  # a LLaVA checkpoint's, once loaded
         self._executor: ThreadPoolExecutor | None = None
         self.feed = Feed(self, max_batch, max_wait_ms / 1000)
 
@@ -235,8 +280,24 @@ class JaxEngine:
                         eos_ids=tokenizer.eos_token_ids or cfg.eos_token_id, max_batch=self.max_batch,
                         max_seq_len=self.max_seq_len, device_bytes=self.session_cap_bytes,
                         host_bytes=self.host_cap_bytes, **self.generator_kw)
-        if self.warmup:
+        if cfg.vision is not None:
+            text = tokenizer.tk.id_to_token(cfg.vision.image_token_id)
+            if text is None or tokenizer.encode(text) != [cfg.vision.image_token_id]:
+                msg = (f"JaxEngine: {self.path}'s tokenizer has no token for the image token id "
+                       f"{cfg.vision.image_token_id} (config.json image_token_id)")
+                raise ValueError(msg)
+            self.image_text = text
+        if self.warmup:  # with cfg.vision, also the prefill chunks that carry image embeddings
             gen.warmup(**(self.warmup if isinstance(self.warmup, dict) else {}))
+        self.vision_params = params.get("vision")
+        if self.warmup and cfg.vision is not None:  # the tower at every padded batch (encode_pixels)
+            import numpy as np
+
+            self.cfg, n = cfg, 1
+            S = cfg.vision.image_size
+            while n < 2 * self.max_batch:
+                self.encode_pixels(np.zeros((n, cfg.vision.num_channels, S, S), np.float32))
+                n *= 2
         self.cfg, self.tokenizer, self.generator = cfg, tokenizer, gen
 
     # -- the Engine protocol ------------------------------------------------------------------
@@ -256,18 +317,17 @@ class JaxEngine:
         batch, where = [], []
         for i, r in enumerate(requests):
             try:
-                prompt = (self.encode_chat(chat_messages(r.prefix, r.tail)) if self.mode == "chat"
-                          else self.encode_text(r.prefix + r.tail))
+                prompt, frames = self.request_prompt(r)
                 constraint = self.constraint(r.schema) if r.schema else None
             except ValueError as e:
                 out[i] = Completion("", Usage(), self.model, "error", f"request {r.request_id or i}: {e}")
                 continue
             temperature = self.temperature if r.temperature is None else r.temperature
             seed = self.seed if r.seed is None else r.seed
-            batch.append(GenRequest(r.session, prompt, r.max_tokens or _ANSWER_BUDGET, temperature,
-                                    self.top_p, seed, constraint, n=r.n))
+            batch.append((GenRequest(r.session, prompt, r.max_tokens or _ANSWER_BUDGET, temperature,
+                                     self.top_p, seed, constraint, n=r.n), frames))
             where.append(i)
-        results = await asyncio.gather(*(self.submit(g) for g in batch))
+        results = await asyncio.gather(*(self.submit(g, frames) for g, frames in batch))
         for i, res in zip(where, results):
             out[i] = self.completion(res)
         return out  # type: ignore[return-value]
@@ -280,10 +340,71 @@ class JaxEngine:
         return Completion(texts[0], usage, self.model, res.finish_reason, res.error,
                           samples=texts if res.samples else (), timings=res.phases)
 
-    async def submit(self, req):
-        """One GenRequest through the continuous batch -> its GenResult."""
+    async def submit(self, req, frames: FrameJob | None = None):
+        """One GenRequest through the continuous batch -> its GenResult; `frames` (its images,
+        see place_images) fill `req.embeds` on the engine's thread."""
         await self.start()
-        return await self.feed.submit(req)
+        return await self.feed.submit(req, frames)
+
+    def request_prompt(self, r: Request) -> tuple[list[int], FrameJob | None]:
+        """A Request's prompt ids and, with images, where they go (ValueError if they cannot)."""
+        if r.images and self.cfg.vision is None:
+            msg = (f"{self.model} has no vision tower: this request's {len(r.images)} image(s) cannot be "
+                   f"seen, so it is not answered without them")
+            raise ValueError(msg)
+        # one image per line, between the stable prefix and the tail (see the module docstring)
+        images = (self.image_text + "\n") * len(r.images) if r.images else ""
+        ids = (self.encode_chat(chat_messages(r.prefix, r.tail, images)) if self.mode == "chat"
+               else self.encode_text(r.prefix + images + r.tail))
+        if self.cfg.vision is None:
+            return ids, None
+        prompt, frames = self.place_images(ids, r.session, r.images)  # text spelling <image>: refused
+        return prompt, frames if r.images else None
+
+    def place_images(self, ids: list[int], key: str | None,
+                     images: Sequence[Image]) -> tuple[list[int], FrameJob]:
+        """A tokenized prompt with one image token per image -> the prompt with each expanded to
+        the tower's n_tokens positions, and the FrameJob that fills them (cached under `key`)."""
+        from .vision import expand_image_tokens
+
+        vcfg = self.cfg.vision
+        found = ids.count(vcfg.image_token_id)
+        if found != len(images):
+            msg = (f"the prompt holds {found} image tokens {self.image_text!r} for {len(images)} image(s): "
+                   f"its text must not spell {self.image_text!r}")
+            raise ValueError(msg)
+        prompt, starts = expand_image_tokens(ids, vcfg)
+        return prompt, FrameJob(key, tuple(images), tuple(starts))
+
+    def prepare_image(self, image: Image):
+        """An image's pixels for the tower (engine thread; ValueError if it does not decode)."""
+        import io
+
+        from PIL import Image as PILImage
+        from PIL import UnidentifiedImageError
+
+        from .vision import preprocess
+
+        try:
+            with PILImage.open(io.BytesIO(image.data)) as im:
+                im.load()
+                return preprocess(im, self.cfg.vision)
+        except (UnidentifiedImageError, OSError) as e:
+            msg = f"cannot decode the image ({type(e).__name__})"  # PIL's text names a memory address
+            raise ValueError(msg) from None
+
+    def encode_pixels(self, pixels):
+        """Pixels [N, 3, S, S] -> features [N, n_tokens, E] (engine thread): one tower call,
+        N padded to a power of two so a warmed-up engine traces few shapes."""
+        import numpy as np
+
+        from .vision import encode_jit
+
+        n = len(pixels)
+        padded = 1 << (n - 1).bit_length()
+        if padded > n:
+            pixels = np.concatenate([pixels, np.zeros((padded - n, *pixels.shape[1:]), pixels.dtype)])
+        return np.asarray(encode_jit(self.vision_params, self.cfg.vision, pixels))[:n]
 
     # -- shared with the server -----------------------------------------------------------------
 

@@ -12,6 +12,8 @@ step (`step`). The pieces:
 * `sessions`: the paged pool of per-key sessions, spilled to host and dropped by LRU;
 * `join`: prefill of joining rows, forks for n > 1 samples, insertion into free slots;
 * `step`: the jitted model calls, the decode step and accepting tokens on the host;
+* `vision` / `frames` (the engine's): image features, cached per key, that ride on requests as
+  `rows.Embeds`;
 * `speculate`: draft tokens (prompt lookup, grammar fast-forward) that a decode step verifies
   several at a time, for greedy rows (`speculate=Speculation()`).
 

@@ -5,6 +5,11 @@ names it (OpenAI's `param`), so one malformed request is refused alone, before i
 engine's shared batch. Token ids are bounded by the loaded model's vocabulary, which is why
 the completions body is built per model (`Bodies`). `null` means a field's default and unknown
 fields are ignored, as OpenAI clients expect.
+
+A chat message's `content` is a string or a list of OpenAI content parts: `{"type": "text",
+"text": ...}` and `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
+(a tagged union: any other `type` is refused, naming the part). Only data URLs are images here:
+the server fetches nothing (see server.py).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-__all__ = ["MAX_SAMPLES", "BadRequest", "Bodies", "Body", "ChatBody", "JsonSchemaFormat", "Message",
-           "prompt_of"]
+__all__ = ["MAX_IMAGES", "MAX_PARTS", "MAX_SAMPLES", "BadRequest", "Bodies", "Body", "ChatBody", "ImagePart",
+           "JsonSchemaFormat", "Message", "TextPart", "prompt_of"]
 
 # every length on the device is int32; larger budgets are cut to the context anyway
 Budget = Annotated[int, Meta(ge=1, le=2**31 - 1)]
@@ -27,6 +32,9 @@ TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is an int64
 StopString = Annotated[str, Meta(min_length=1)]
 MAX_SAMPLES = 16  # `n`: a vote needs a handful; each sample takes a row of the shared batch
+MAX_PARTS = 64  # content parts of one message
+MAX_IMAGES = 8  # image parts of one request: each is a tower call's row and n_tokens positions
+MAX_URL = 16 << 20  # characters of an image part's URL (its bytes are bounded again when parsed)
 
 
 class BadRequest(ValueError):
@@ -78,9 +86,25 @@ class Body(Struct, kw_only=True):
     prompt_cache_key: str | None = None
 
 
+class TextPart(Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class ImageUrl(Struct):
+    url: Annotated[str, Meta(min_length=1, max_length=MAX_URL)]
+    detail: str | None = None  # OpenAI's resolution hint; one resolution here (the tower's)
+
+
+class ImagePart(Struct, tag_field="type", tag="image_url"):
+    image_url: ImageUrl
+
+
+Content = str | Annotated[list[TextPart | ImagePart], Meta(max_length=MAX_PARTS)]
+
+
 class Message(Struct):
     role: Annotated[str, Meta(min_length=1)]
-    content: str = ""
+    content: Content = ""
 
 
 class ChatBody(Body, kw_only=True):
@@ -108,6 +132,7 @@ def prompt_of(body: Body) -> str | list[int]:
 
 _AT = re.compile(r" - at `\$\.(\w+)")
 _MISSING = re.compile(r"missing required field `(\w+)`")
+_PART_TYPE = re.compile(r"at `\$\.messages\[\d+\]\.content\[\d+\]\.type`$")
 
 
 class Bodies:
@@ -131,6 +156,8 @@ class Bodies:
         text = str(e)
         m = _AT.search(text) or _MISSING.search(text)
         param = m.group(1) if m else None
+        if _PART_TYPE.search(text):
+            text += ": a content part's type is 'text' or 'image_url'"
         if param == "prompt" and text.startswith("Expected `int`"):
             text += f" (token ids are 0 <= id < {self.vocab_size}, this model's vocabulary)"
         return BadRequest(text, param)

@@ -13,6 +13,17 @@ samples of the one prompt, prefilled once: choice i is seeded `seed + i`, and `u
 the prompt once and every choice's tokens. `stop` strings end the output (the stop string is
 not included); `logprobs`, `tools` and penalties are not supported.
 
+Images. On a LLaVA checkpoint a chat message's `content` may be a list of OpenAI content parts,
+text and `image_url` (at most 8 images a request); each image takes the tower's `n_tokens`
+prompt positions where its part appears (the message's parts are joined in order, an image
+as the checkpoint's `<image>` token), and `usage.prompt_tokens` counts them. Only data URLs
+(`data:image/png;base64,...`, PNG, JPEG or WebP, at most `max_image_bytes`) are accepted: the
+server fetches no URL, so a request can make it reach nothing on the network. Each image goes
+through the engine's per-key frame cache under the request's session (below), so a camera
+client that sends the same frame again skips the vision encoder and, after the same text,
+gets the image's K/V from its session; a request without a session caches nothing. A text-only
+model refuses image parts (400), as it does any part it cannot read.
+
 Bodies are decoded into the msgspec Structs of requests.py, so a malformed request (a token id
 outside the model's vocabulary, NaN, a field of the wrong type) is answered 400 with OpenAI's
 error JSON naming the field (`param`) before it can reach the shared batch. Any other failure
@@ -69,13 +80,19 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ponder.images import Image, ImageError, parse_image
+
 from .engine import JaxEngine
+from .frames import FrameJob
 from .generate import GenRequest, GenResult
 from .requests import (
+    MAX_IMAGES,
     MAX_SAMPLES,
     BadRequest,
     Bodies,
     Body,
+    ChatBody,
+    ImagePart,
     JsonObjectFormat,
     JsonSchemaFormat,
     prompt_of,
@@ -263,15 +280,76 @@ class _PoolCollector:
         for kind in ("spilled", "restored", "dropped"):
             moves.add_metric([kind], stats[kind])
         yield moves
+        if self.engine.cfg.vision is not None:
+            fs = self.engine.frames.stats
+            frames = GaugeMetricFamily("ponder_model_frames", "images by how their features were found",
+                                       labels=["kind"])
+            for kind, value in (("encoded", fs.frames_encoded), ("hit", fs.hits), ("near", fs.near_hits)):
+                frames.add_metric([kind], value)
+            yield frames
+            yield GaugeMetricFamily("ponder_model_vision_encoder_calls", "vision tower calls", value=fs.encoder_calls)
+            yield GaugeMetricFamily("ponder_model_frame_cache_bytes", "features held by the frame cache",
+                                    value=self.engine.frames.bytes)
 
 
 # --- request parsing ------------------------------------------------------------------------
 
 
+DEFAULT_IMAGE_BYTES = 4 << 20
+
+
+def _chat_prompt(engine: JaxEngine, body: ChatBody, session: str | None,
+                 max_image_bytes: int) -> tuple[list[int], FrameJob | None]:
+    """A chat body's prompt ids and its images (see Images above), or BadRequest."""
+    parts = [(i, j, p) for i, m in enumerate(body.messages) if not isinstance(m.content, str)
+             for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+    if parts and engine.cfg.vision is None:
+        i, j, _ = parts[0]
+        msg = (f"`messages[{i}].content[{j}]` is an image, but this model ({engine.model}) has no vision "
+               f"tower: send text only")
+        raise BadRequest(msg, "messages")
+    if len(parts) > MAX_IMAGES:
+        raise BadRequest(f"`messages` holds {len(parts)} images; a request may hold at most {MAX_IMAGES}", "messages")
+    images: list[Image] = []
+    messages = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if not isinstance(content, str):
+            pieces = []
+            for j, part in enumerate(content):
+                if not isinstance(part, ImagePart):
+                    pieces.append(part.text)
+                    continue
+                where, url = f"messages[{i}].content[{j}]", part.image_url.url
+                if not url.startswith("data:"):
+                    msg = (f"`{where}.image_url.url` must be a data URL (data:image/png;base64,...): this server "
+                           f"fetches no URLs")
+                    raise BadRequest(msg, "messages")
+                try:  # `where` is also the image's field: a key's frames are compared per field
+                    images.append(parse_image(url, field=where, allowed_dirs=(), max_bytes=max_image_bytes))
+                except ImageError as e:
+                    raise BadRequest(str(e), "messages") from None
+                pieces.append(engine.image_text)
+            content = "".join(pieces)
+        messages.append({"role": m.role, "content": content})
+    try:
+        ids = engine.encode_chat(messages)
+    except TemplateError as e:  # the template's raise_exception: e.g. roles out of order
+        raise BadRequest(f"the chat template refused these `messages`: {e}", "messages") from e
+    if engine.cfg.vision is None:
+        return ids, None
+    try:
+        prompt, frames = engine.place_images(ids, session, images)
+    except ValueError as e:
+        raise BadRequest(f"`messages`: {e}", "messages") from None
+    return prompt, frames if images else None
+
+
 class _Call:
     """One generation request, parsed and checked (BadRequest if it cannot run)."""
 
-    def __init__(self, engine: JaxEngine, body: Body, chat: bool, session: str | None):
+    def __init__(self, engine: JaxEngine, body: Body, chat: bool, session: str | None,
+                 max_image_bytes: int = DEFAULT_IMAGE_BYTES):
         gen = engine.generator
         self.n = body.n or 1
         if self.n > MAX_SAMPLES:
@@ -279,12 +357,9 @@ class _Call:
         if self.n > gen.max_batch:  # a request's samples decode side by side
             raise BadRequest(f"`n` is {self.n}: this server decodes at most {gen.max_batch} rows together "
                              f"(max_batch), so a request may ask for n=1 to {gen.max_batch} samples", "n")
+        self.frames = None
         if chat:
-            messages = [{"role": m.role, "content": m.content} for m in body.messages]  # type: ignore[attr-defined]
-            try:
-                prompt = engine.encode_chat(messages)
-            except TemplateError as e:  # the template's raise_exception: e.g. roles out of order
-                raise BadRequest(f"the chat template refused these `messages`: {e}", "messages") from e
+            prompt, self.frames = _chat_prompt(engine, body, session, max_image_bytes)  # type: ignore[arg-type]
         else:
             p = prompt_of(body)
             prompt = engine.encode_text(p) if isinstance(p, str) else p
@@ -342,9 +417,14 @@ def _choice(chat: bool, i: int, text: str, finish: str) -> dict[str, Any]:
 # --- the app ----------------------------------------------------------------------------------
 
 
-def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0, api_keys: Sequence[str] = ()) -> Starlette:
+def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0, api_keys: Sequence[str] = (),
+               max_image_bytes: int = DEFAULT_IMAGE_BYTES) -> Starlette:
     """The ASGI app. Its lifespan starts the engine (loading the model). With `api_keys`, every
-    endpoint but /health needs one of them (see Access and isolation above)."""
+    endpoint but /health needs one of them (see Access and isolation above). `max_image_bytes`
+    bounds each image part's file."""
+    if isinstance(max_image_bytes, bool) or not isinstance(max_image_bytes, int) or max_image_bytes < 1:
+        msg = f"max_image_bytes must be an int >= 1, got {max_image_bytes!r}"
+        raise ValueError(msg)
     access = Access(api_keys)
     metrics = _Metrics(engine)
     engine.feed.max_wait_s = max_wait_ms / 1000
@@ -407,7 +487,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0, api_keys: Sequenc
         raw = await request.body()
         body = bodies[0].parse(raw, chat)
         name = body.session or body.user or body.prompt_cache_key
-        call = _Call(engine, body, chat, access.session(caller, salt_of(raw), name))
+        call = _Call(engine, body, chat, access.session(caller, salt_of(raw), name), max_image_bytes)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": engine.model}
@@ -424,7 +504,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0, api_keys: Sequenc
 
         watcher = asyncio.create_task(watch())
         try:
-            res = await engine.submit(call.req)
+            res = await engine.submit(call.req, call.frames)
         finally:
             watcher.cancel()
         if res.error:
@@ -451,7 +531,7 @@ def create_app(engine: JaxEngine, *, max_wait_ms: float = 5.0, api_keys: Sequenc
             return on_token
 
         call.req.on_token = [on_token_of(i) for i in range(call.n)]
-        task = asyncio.ensure_future(engine.submit(call.req))
+        task = asyncio.ensure_future(engine.submit(call.req, call.frames))
         task.add_done_callback(lambda _: tokens.put_nowait(None))
         head = {**head, "object": "chat.completion.chunk" if call.chat else "text_completion"}
 
@@ -538,9 +618,10 @@ class ModelServer:
     """
 
     def __init__(self, engine: JaxEngine, host: str = "127.0.0.1", port: int = 0, *,
-                 max_wait_ms: float = 5.0, api_keys: Sequence[str] = ()) -> None:
+                 max_wait_ms: float = 5.0, api_keys: Sequence[str] = (),
+                 max_image_bytes: int = DEFAULT_IMAGE_BYTES) -> None:
         self.engine, self.host, self.port, self.max_wait_ms = engine, host, port, max_wait_ms
-        self.api_keys = api_keys
+        self.api_keys, self.max_image_bytes = api_keys, max_image_bytes
         self._server = self._thread = None
 
     @property
@@ -555,7 +636,8 @@ class ModelServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        app = create_app(self.engine, max_wait_ms=self.max_wait_ms, api_keys=self.api_keys)
+        app = create_app(self.engine, max_wait_ms=self.max_wait_ms, api_keys=self.api_keys,
+                         max_image_bytes=self.max_image_bytes)
         config = uvicorn.Config(app, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
@@ -584,11 +666,13 @@ class ModelServer:
 
 
 def serve(path: str, *, host: str = "127.0.0.1", port: int = 8000, max_wait_ms: float = 5.0,
-          api_keys: Sequence[str] = (), **engine_kw: Any) -> None:
+          api_keys: Sequence[str] = (), max_image_bytes: int = DEFAULT_IMAGE_BYTES, **engine_kw: Any) -> None:
     """Serve the checkpoint at `path` until interrupted (blocking). With `api_keys`, callers
-    need one of them; without, the server is open and one namespace per `cache_salt`."""
+    need one of them; without, the server is open and one namespace per `cache_salt`.
+    `engine_kw` go to JaxEngine (e.g. near_identical, frame_cache_bytes)."""
     import uvicorn
 
     engine = JaxEngine(path, **engine_kw)
-    app = create_app(engine, max_wait_ms=max_wait_ms, api_keys=api_keys)  # bad keys: before loading
+    # bad keys or options: before loading
+    app = create_app(engine, max_wait_ms=max_wait_ms, api_keys=api_keys, max_image_bytes=max_image_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning")
