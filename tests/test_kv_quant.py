@@ -207,9 +207,11 @@ def test_host_bytes_are_the_stored_bytes_and_the_cap_holds_that_many_more(tiny, 
                             "host_bytes": held * per_session}
     assert [pool.where(f"k{i}") for i in range(40)] == [None] * (39 - held) + ["host"] * held + ["device"]
     assert pool.stats["spilled"] == 39 and pool.stats["dropped"] == 39 - held
-    # a restore gives its bytes back, exactly
+    # a restore gives its bytes back, exactly, before it allocates: the device session it
+    # spills (k39) takes k38's place on the host, and no other host session is dropped for it
     pool.acquire("k38", ids(100, 38), 128)
-    assert pool.host_used == (held - 1) * per_session
+    assert pool.host_used == held * per_session and pool.stats["dropped"] == 39 - held
+    assert pool.where("k38") == "device" and pool.where("k39") == "host"
 
 
 def test_warm_moves_trace_every_spill_and_restore(tiny):

@@ -149,7 +149,7 @@ class Feed:
         if not jobs:
             return [(i, req) for i, req, _ in items]
         embeds = self.engine.frames.embeds([job for _, _, job in jobs], self.engine.prepare_image,
-                                           self.engine.encode_pixels)
+                                           self.engine.encode_pixels, max_frames=self.engine.max_batch)
         ready = {}
         for (i, req, _), got in zip(jobs, embeds):
             if isinstance(got, str):  # a bad image fails its own request only
@@ -160,7 +160,8 @@ class Feed:
                 if job is None or i in ready]
 
     def _done(self, i: int, res) -> None:  # engine thread
-        self.answered.add(i)
+        if i in self.futures:  # a cancelled caller's id is gone: do not keep it forever
+            self.answered.add(i)
         # to the loop of the caller waiting for it: a `serve` started from an earlier event
         # loop (asyncio.run after asyncio.run) may still be running when a later loop's
         # request arrives, and takes it; its answer must not go to the closed loop
@@ -295,7 +296,7 @@ class JaxEngine:
 
             self.cfg, n = cfg, 1
             S = cfg.vision.image_size
-            while n < 2 * self.max_batch:
+            while n < 2 * self.max_batch:  # embeds() encodes at most max_batch frames a call
                 self.encode_pixels(np.zeros((n, cfg.vision.num_channels, S, S), np.float32))
                 n *= 2
         self.cfg, self.tokenizer, self.generator = cfg, tokenizer, gen

@@ -92,10 +92,12 @@ class FrameCache:
         return len(self.entries)
 
     def embeds(self, jobs: Sequence[FrameJob], prepare: Callable[[Image], np.ndarray],
-               encode: Callable[[np.ndarray], np.ndarray]) -> list[list[Embeds] | str]:
+               encode: Callable[[np.ndarray], np.ndarray], max_frames: int = 16) -> list[list[Embeds] | str]:
         """Each job's Embeds, or why its images cannot be used. `prepare(image)` gives one
         image's pixels (ValueError for a bad one), `encode(pixels [N, ...])` the features
-        [N, tokens, E] of all the frames missing from the cache, in one call."""
+        [N, tokens, E] of the frames missing from the cache, at most `max_frames` a call (a
+        burst of cameras must not become one tower batch of any size: memory, and a new
+        compile)."""
         out: list[list[Embeds] | str | None] = [None] * len(jobs)
         found: list[list[tuple[np.ndarray, str] | None]] = []
         misses: dict[Any, int] = {}  # what to encode -> its row in the batch
@@ -124,7 +126,8 @@ class FrameCache:
         if pixels:
             t0 = time.perf_counter()
             try:
-                feats = np.asarray(encode(np.stack(pixels)))
+                feats = np.concatenate([np.asarray(encode(np.stack(pixels[i : i + max_frames])))
+                                        for i in range(0, len(pixels), max_frames)])
             except Exception as e:  # noqa: BLE001 - the tower failed: every job that needed it fails
                 why = f"the vision encoder failed: {type(e).__name__}: {e}"
                 for j, _, _ in todo:
@@ -133,7 +136,7 @@ class FrameCache:
             finally:
                 self.stats.encode_seconds += time.perf_counter() - t0
             if feats is not None:
-                self.stats.encoder_calls += 1
+                self.stats.encoder_calls += -(-len(pixels) // max_frames)
                 self.stats.frames_encoded += len(pixels)
                 for j, k, b in todo:
                     job, img = jobs[j], jobs[j].images[k]

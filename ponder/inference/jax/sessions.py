@@ -338,10 +338,16 @@ class SessionPool:
 
     def _restore(self, s: Session, need: int) -> None:
         """Host -> device: fresh pages, the first of them filled from host memory."""
-        pages = self._allocate(need, s.space)  # may raise PoolFull: the session then stays on host
+        # its host bytes are about to be freed: a spill that allocating triggers must not drop
+        # another host session to make room for them
+        self.host_used -= s.host_bytes
+        try:
+            pages = self._allocate(need, s.space)  # PoolFull: the session stays on host
+        except PoolFull:
+            self.host_used += s.host_bytes
+            raise
         parts = s.host
         used = -(-len(s.tokens) // self.page_size)  # tokens were already cut to the match
-        self.host_used -= s.host_bytes
         s.host, s.pages = None, pages
         self.stats["restored"] += 1
         if used == 0:

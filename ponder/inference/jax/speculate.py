@@ -223,12 +223,12 @@ def draft(spec: Speculation, row: Row, limit: int, k_lookup: int, eos_ids: froze
                 break
             t, is_forced = int(ctx[follow]), False
             used += 1
+        if t in eos_ids:  # the row may end here: the verify step's own choice decides, under the
+            break  # last position's mask (a drafted EOS would leave the position after it unmasked)
         follow = follow + 1 if follow is not None and ctx[follow] == t else None
         tokens.append(t)
         forced.append(is_forced)
         ctx.append(t)
-        if t in eos_ids:  # the row ends there if the model agrees
-            break
         if state is not None:
             c.advance(state, t)
             masks.append(c.mask(state))
