@@ -13,7 +13,11 @@ deterministic, so each sends the same requests to the edge tier):
   added since the key's last call;
 * **no session reuse**: the same, but every call gets a fresh session (the engine prefills the
   whole prompt every time);
-* **no batching**: one request per call, one call in flight (sessions reused).
+* **no batching**: one request per call, one call in flight (sessions reused);
+* **no speculation**: as ponder, with the engine decoding one token per step
+  (`speculate=None`; ponder's engine drafts by prompt lookup and grammar fast-forward and
+  verifies several tokens per step, see `inference/jax/speculate.py`). Greedy, so every
+  answer must be the same text: `same_answers` checks it.
 
 Each set-up runs twice and the second run is timed (the first compiles its shapes).
 
@@ -77,6 +81,7 @@ class FreshSessions:
 async def run_once(name: str, items: list[dict], ckpt: Path, *, reuse: bool, max_batch: int,
                    concurrency: int, review: int, engine_kw: dict) -> dict[str, Any]:
     engine = JaxEngine(ckpt, **engine_kw)
+    stats0 = None
     edge = engine if reuse else FreshSessions(engine)
     tiers = (TierSpec("reflex", max_batch=1),
              TierSpec("edge", engine=f"jax:{ckpt}", min_score=0.0, max_batch=max_batch, max_concurrency=concurrency,
@@ -84,6 +89,8 @@ async def run_once(name: str, items: list[dict], ckpt: Path, *, reuse: bool, max
     rule = Rule("review", lambda e: int(e.ts) // 10 % review == 0)
     pipe = dataclasses.replace(iot, tiers=tiers, gate=dataclasses.replace(iot.gate, rules=(*iot.gate.rules, rule), quiet=2))
     await engine.start()  # load + compile outside the timed run
+    spec = engine.generator.spec_stats
+    stats0 = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else {}
     sink = MemorySink()
     t0 = time.perf_counter()
     try:
@@ -97,7 +104,15 @@ async def run_once(name: str, items: list[dict], ckpt: Path, *, reuse: bool, max
             "dead_letters": stats.dead_letters, "decisions_per_s": stats.decisions / wall, "prompt_tokens": stats.prompt_tokens,
             "cached_prompt_tokens": stats.cached_prompt_tokens, "completion_tokens": stats.completion_tokens,
             "cached_share": stats.cached_prompt_tokens / max(stats.prompt_tokens, 1),
-            "decision_ids": sorted(d.decision_id for d in sink.decisions)}
+            "speculation": _delta(stats0, engine.generator.spec_stats),
+            "decision_ids": sorted(d.decision_id for d in sink.decisions),
+            "answers": sorted((d.decision_id, d.action, d.severity, d.reason) for d in sink.decisions)}
+
+
+def _delta(before: dict, spec) -> dict:
+    """The engine's speculation counters over the timed run."""
+    now = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else {}
+    return {k: v - before.get(k, 0) for k, v in now.items() if isinstance(v, (int, float))}
 
 
 def table(result: dict) -> str:
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--events-per-device", type=int, default=150)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--review", type=int, default=8, help="escalate about every N-th reading of a device")
+    ap.add_argument("--setups", nargs="+", default=["ponder", "no session reuse", "no batching", "no speculation"])
     ap.add_argument("--out", type=Path, default=RESULTS / "edge_pipeline.json")
     a = ap.parse_args(argv)
     items = list(iter_events(a.devices, a.events_per_device, a.seed))
@@ -125,25 +141,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / a.preset
         init_model(ckpt, a.preset, seed=0)
-        setups = [("ponder", True, 16, 4), ("no session reuse", False, 16, 4), ("no batching", True, 1, 1)]
+        setups = [("ponder", True, 16, 4, {}), ("no session reuse", False, 16, 4, {}),
+                  ("no batching", True, 1, 1, {}), ("no speculation", True, 16, 4, {"speculate": None})]
+        setups = [s for s in setups if s[0] in a.setups]
         runs = []
-        for name, reuse, mb, conc in setups:
+        for name, reuse, mb, conc, extra in setups:
             print(f"{name} ...", file=sys.stderr, flush=True)
             for _ in range(2):
                 run = asyncio.run(run_once(name, items, ckpt, reuse=reuse, max_batch=mb, concurrency=conc,
-                                           review=a.review, engine_kw=engine_kw))
+                                           review=a.review, engine_kw={**engine_kw, **extra}))
             runs.append(run)
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "decision_ids"}), file=sys.stderr)
+            print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("decision_ids", "answers")}),
+                  file=sys.stderr)
     same = all(r["decision_ids"] == runs[0]["decision_ids"] for r in runs)
+    by = {r["setup"]: r for r in runs}
+    same_answers = (by["ponder"]["answers"] == by["no speculation"]["answers"]
+                    if "ponder" in by and "no speculation" in by else None)
     for r in runs:
-        del r["decision_ids"]
+        del r["decision_ids"], r["answers"]
     result = {
         "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(), "cpu_count": os.cpu_count(), "preset": a.preset,
         "devices": a.devices, "events_per_device": a.events_per_device, "seed": a.seed, "review": a.review,
-        "same_decisions_in_every_setup": same, "runs": runs,
-        "speedup_vs_no_reuse": runs[0]["decisions_per_s"] / runs[1]["decisions_per_s"],
-        "speedup_vs_no_batching": runs[0]["decisions_per_s"] / runs[2]["decisions_per_s"],
+        "same_decisions_in_every_setup": same, "same_answers_with_and_without_speculation": same_answers,
+        "runs": runs,
+        **{f"speedup_vs_{r['setup'].replace(' ', '_')}": by["ponder"]["decisions_per_s"] / r["decisions_per_s"]
+           for r in runs if "ponder" in by and r["setup"] != "ponder"},
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
