@@ -88,7 +88,8 @@ def test_edge_pipeline_benchmark_runs_and_agrees(tmp_path: Path) -> None:
     assert data == json.loads(json.dumps(result))
     assert data["same_decisions_in_every_setup"] is True
     runs = {r["setup"]: r for r in data["runs"]}
-    assert set(runs) == {"ponder", "no session reuse", "no batching"}
+    assert set(runs) == {"ponder", "no session reuse", "no batching", "no speculation"}
+    assert data["same_answers_with_and_without_speculation"] is True  # greedy: the same text
     decided = {r["edge_decisions"] for r in runs.values()}
     assert len(decided) == 1 and decided.pop() > 3
     assert all(r["degraded"] == 0 and r["dead_letters"] == 0 for r in runs.values())
