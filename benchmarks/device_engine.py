@@ -70,14 +70,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     c = Constraint.json_schema(answer_schema(ACTIONS), tk, vocab_size=cfg.vocab_size)
     rng = np.random.default_rng(a.seed)
     text = event_text(rng, 0)
-    rows = []
     fresh = prompts(tk, [text])
-    for setting in ("fresh", "echo"):
-        if setting == "fresh":
-            batch = fresh
-        else:  # the prompt quotes plain decoding's own answer, which the model then writes again
-            batch = prompts(tk, [f"{text}\nPrevious decision: {tk.decode(plain_out[0].tokens)}"])
-        cell_rows, plain_out = cells(cfg, params, tk, c, batch, a.tokens, a.repeat)
+    fresh_rows, plain_out = cells(cfg, params, tk, c, fresh, a.tokens, a.repeat)
+    # echo: the prompt quotes plain decoding's own answer, which the model then writes again
+    echo = prompts(tk, [f"{text}\nPrevious decision: {tk.decode(plain_out[0].tokens)}"])
+    echo_rows, _ = cells(cfg, params, tk, c, echo, a.tokens, a.repeat)
+    rows = []
+    for setting, batch, cell_rows in (("fresh", fresh, fresh_rows), ("echo", echo, echo_rows)):
         for row in cell_rows:
             context = len(batch[0]) + row["tokens"] // 2  # the mean context of a decode step
             roofline = bw * 1e9 / (weight_bytes + _kv_bytes_per_token(cfg, itemsize) * context)
